@@ -1,6 +1,11 @@
 """Name -> class registries (Dassl style): ``@TRAINER_REGISTRY.register()`` on a class registers it under its name."""
 
 
+class RegistryError(KeyError):
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry:
     def __init__(self, kind):
         self.kind = kind
@@ -19,7 +24,7 @@ class Registry:
     def get(self, name):
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} '{name}'; registered: {known}")
+            raise RegistryError(f"unknown {self.kind} '{name}'; registered: {known}")
         return self._items[name]
 
     def names(self):

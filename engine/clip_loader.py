@@ -1,0 +1,85 @@
+"""Build a frozen CLIP model: OpenAI weights from a local file, or a named random-weight architecture.
+
+Nothing here downloads. A missing weights file is an error that lists every place looked in.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+from engine.compat import import_clip
+from engine.config import ConfigError
+
+WEIGHTS_ENV = "CLIP_WEIGHTS_DIR"
+
+# Random-weight architectures for tests and the demo (arguments of clip.model.CLIP).
+# `tiny` keeps CLIP's 12-layer depth so every method's default layer indices stay valid on it.
+RANDOM_ARCHS = {
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=12, vision_width=64,
+                 vision_patch_size=8, context_length=77, vocab_size=49408,
+                 transformer_width=64, transformer_heads=1, transformer_layers=12),
+    "ViT-B/16-random": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                            vision_patch_size=16, context_length=77, vocab_size=49408,
+                            transformer_width=512, transformer_heads=8, transformer_layers=12),
+    "ViT-B/32-random": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                            vision_patch_size=32, context_length=77, vocab_size=49408,
+                            transformer_width=512, transformer_heads=8, transformer_layers=12),
+}
+RANDOM_ARCH_SEED = 0
+
+
+def default_weight_dirs():
+    dirs = []
+    if os.environ.get(WEIGHTS_ENV):
+        dirs.append(Path(os.environ[WEIGHTS_ENV]).expanduser())
+    dirs.append(Path("~/.cache/clip").expanduser())  # the clip package's own download folder
+    return dirs
+
+
+def resolve_weights_path(name, explicit_path=""):
+    """Return the local checkpoint file for an OpenAI CLIP model name, or raise FileNotFoundError."""
+    clip = import_clip()
+    if name not in clip.clip._MODELS:
+        known = ", ".join(list(clip.clip._MODELS) + list(RANDOM_ARCHS))
+        raise ConfigError(f"unknown CLIP backbone '{name}' (MODEL.BACKBONE.NAME); known: {known}")
+    filename = os.path.basename(clip.clip._MODELS[name])
+    if explicit_path:
+        candidates = [Path(explicit_path).expanduser()]
+    else:
+        candidates = [d / filename for d in default_weight_dirs()]
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = "\n  ".join(str(p) for p in candidates)
+    raise FileNotFoundError(
+        f"CLIP weights for '{name}' not found. Looked in:\n  {looked}\n"
+        f"Provide the OpenAI checkpoint '{filename}' by copying it into one of these folders, by setting "
+        f"{WEIGHTS_ENV}=/folder/with/checkpoints, or with MODEL.BACKBONE.PATH /path/to/{filename}. "
+        f"This harness never downloads weights. For a weight-free run use MODEL.BACKBONE.NAME tiny "
+        f"(or ViT-B/16-random).")
+
+
+def build_random_clip(name):
+    clip = import_clip()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_ARCH_SEED)
+        model = clip.model.CLIP(**RANDOM_ARCHS[name])
+    return model.float()
+
+
+def load_clip(name, explicit_path=""):
+    """Return a float32 CLIP model on the CPU with every parameter frozen."""
+    if name in RANDOM_ARCHS:
+        model = build_random_clip(name)
+    else:
+        path = resolve_weights_path(name, explicit_path)
+        model, _ = import_clip().load(str(path), device="cpu", jit=False)
+        model = model.float()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def uses_pretrained_weights(name):
+    return name not in RANDOM_ARCHS
