@@ -1,0 +1,375 @@
+"""Dassl-compatible yacs configuration: defaults, trainer extensions, merging with clear errors.
+
+Key names and defaults follow Dassl.pytorch (``dassl/config/defaults.py``) so that the config files
+of CoOp, CoCoOp and MaPLe load unchanged. Trainer modules add their own section with
+``@register_config`` (for example ``cfg.TRAINER.COOP = CN()``); ``build_cfg`` imports the
+``trainers`` package first so every section exists before files are merged.
+"""
+import ast
+import difflib
+import importlib
+import importlib.util
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from engine.checkpoint import atomic_write_text
+
+# Choices shared with engine/optim.py (kept here so that this module does not need torch).
+OPTIMIZERS = ("sgd", "adam", "adamw", "amsgrad", "rmsprop", "radam")
+LR_SCHEDULERS = ("single_step", "multi_step", "cosine")
+WARMUP_TYPES = ("constant", "linear")
+SUBSAMPLE_CHOICES = ("all", "base", "new")
+IMB_PROFILES = ("exp", "step")
+LOSSES = ("ce", "la")
+
+_CONFIG_EXTENSIONS = []
+
+
+class ConfigError(ValueError):
+    """A config file, command-line option or value that cannot be used."""
+
+
+def register_config(fn):
+    """Decorator: ``fn(cfg)`` adds trainer-specific nodes to every default config."""
+    if fn not in _CONFIG_EXTENSIONS:
+        _CONFIG_EXTENSIONS.append(fn)
+    return fn
+
+
+def _base_defaults():
+    _C = CN()
+    _C.VERSION = 1
+    _C.OUTPUT_DIR = "./output"
+    _C.RESUME = ""
+    _C.SEED = -1  # negative: not fixed
+    _C.USE_CUDA = True
+    _C.VERBOSE = True
+
+    # ---------------- Input
+    _C.INPUT = CN()
+    _C.INPUT.SIZE = (224, 224)
+    _C.INPUT.INTERPOLATION = "bilinear"
+    _C.INPUT.TRANSFORMS = ()
+    _C.INPUT.NO_TRANSFORM = False
+    _C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
+    _C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
+    _C.INPUT.CROP_PADDING = 4
+    _C.INPUT.RRCROP_SCALE = (0.08, 1.0)
+    _C.INPUT.CUTOUT_N = 1
+    _C.INPUT.CUTOUT_LEN = 16
+    _C.INPUT.GN_MEAN = 0.0
+    _C.INPUT.GN_STD = 0.15
+    _C.INPUT.RANDAUGMENT_N = 2
+    _C.INPUT.RANDAUGMENT_M = 10
+    _C.INPUT.COLORJITTER_B = 0.4
+    _C.INPUT.COLORJITTER_C = 0.4
+    _C.INPUT.COLORJITTER_S = 0.4
+    _C.INPUT.COLORJITTER_H = 0.1
+    _C.INPUT.RGS_P = 0.2
+    _C.INPUT.GB_P = 0.5
+    _C.INPUT.GB_K = 21
+
+    # ---------------- Dataset
+    _C.DATASET = CN()
+    _C.DATASET.ROOT = ""
+    _C.DATASET.NAME = ""
+    _C.DATASET.SOURCE_DOMAINS = ()
+    _C.DATASET.TARGET_DOMAINS = ()
+    _C.DATASET.NUM_LABELED = -1
+    _C.DATASET.NUM_SHOTS = -1  # per-class cap; -1 keeps every image
+    _C.DATASET.VAL_PERCENT = 0.1
+    _C.DATASET.STL10_FOLD = -1
+    _C.DATASET.CIFAR_C_TYPE = ""
+    _C.DATASET.CIFAR_C_LEVEL = 1
+    _C.DATASET.ALL_AS_UNLABELED = False
+    _C.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base | new (CoOp's base-to-new split)
+    # This project: long-tailed training sets.
+    _C.DATASET.IMB_FACTOR = 1.0  # n_max / n_min; 1 = balanced, 10 = the paper's "imb 10"
+    _C.DATASET.IMB_PROFILE = "exp"  # exp | step
+    _C.DATASET.STEP_HEAD_FRACTION = 0.5  # step profile: fraction of classes kept at n_max
+    _C.DATASET.HEAD_FRACTION = 0.2  # evaluation: top fraction of classes reported as "head"
+    _C.DATASET.CACHE_DIR = ""  # "" = under the run's output dir
+
+    # ---------------- Dataloader
+    _C.DATALOADER = CN()
+    _C.DATALOADER.NUM_WORKERS = 4
+    _C.DATALOADER.K_TRANSFORMS = 1
+    _C.DATALOADER.RETURN_IMG0 = False
+    _C.DATALOADER.TRAIN_X = CN()
+    _C.DATALOADER.TRAIN_X.SAMPLER = "RandomSampler"
+    _C.DATALOADER.TRAIN_X.BATCH_SIZE = 32
+    _C.DATALOADER.TRAIN_X.N_DOMAIN = 0
+    _C.DATALOADER.TRAIN_X.N_INS = 16
+    _C.DATALOADER.TRAIN_U = CN()
+    _C.DATALOADER.TRAIN_U.SAME_AS_X = True
+    _C.DATALOADER.TRAIN_U.SAMPLER = "RandomSampler"
+    _C.DATALOADER.TRAIN_U.BATCH_SIZE = 32
+    _C.DATALOADER.TRAIN_U.N_DOMAIN = 0
+    _C.DATALOADER.TRAIN_U.N_INS = 16
+    _C.DATALOADER.TEST = CN()
+    _C.DATALOADER.TEST.SAMPLER = "SequentialSampler"
+    _C.DATALOADER.TEST.BATCH_SIZE = 32
+
+    # ---------------- Model
+    _C.MODEL = CN()
+    _C.MODEL.INIT_WEIGHTS = ""
+    _C.MODEL.BACKBONE = CN()
+    _C.MODEL.BACKBONE.NAME = ""
+    _C.MODEL.BACKBONE.PRETRAINED = True
+    _C.MODEL.BACKBONE.PATH = ""  # this project: explicit CLIP weights file
+    _C.MODEL.HEAD = CN()
+    _C.MODEL.HEAD.NAME = ""
+    _C.MODEL.HEAD.HIDDEN_LAYERS = ()
+    _C.MODEL.HEAD.ACTIVATION = "relu"
+    _C.MODEL.HEAD.BN = True
+    _C.MODEL.HEAD.DROPOUT = 0.0
+    # This project: exact speed-ups of the prompt-aware CLIP encoder (engine/prompted_clip.py).
+    _C.MODEL.TRUNCATE_TEXT = True  # drop text tokens after the last EOT (exact under the causal mask)
+    _C.MODEL.TEXT_PREFIX_CACHE = True  # cache text layers that no prompt touches
+
+    # ---------------- Optimization
+    _C.OPTIM = CN()
+    _C.OPTIM.NAME = "adam"
+    _C.OPTIM.LR = 0.0003
+    _C.OPTIM.WEIGHT_DECAY = 5e-4
+    _C.OPTIM.MOMENTUM = 0.9
+    _C.OPTIM.SGD_DAMPNING = 0
+    _C.OPTIM.SGD_NESTEROV = False
+    _C.OPTIM.RMSPROP_ALPHA = 0.99
+    _C.OPTIM.ADAM_BETA1 = 0.9
+    _C.OPTIM.ADAM_BETA2 = 0.999
+    _C.OPTIM.ADAM_EPS = 1e-8  # this project
+    _C.OPTIM.STAGED_LR = False
+    _C.OPTIM.NEW_LAYERS = ()
+    _C.OPTIM.BASE_LR_MULT = 0.1
+    _C.OPTIM.LR_SCHEDULER = "single_step"
+    _C.OPTIM.STEPSIZE = (-1,)  # -1 or 0: step size = MAX_EPOCH
+    _C.OPTIM.GAMMA = 0.1
+    _C.OPTIM.MAX_EPOCH = 10
+    _C.OPTIM.WARMUP_EPOCH = -1  # > 0 activates warmup
+    _C.OPTIM.WARMUP_TYPE = "linear"  # linear | constant
+    _C.OPTIM.WARMUP_CONS_LR = 1e-5
+    _C.OPTIM.WARMUP_MIN_LR = 1e-5
+    _C.OPTIM.WARMUP_RECOUNT = True
+
+    # ---------------- Train / test
+    _C.TRAIN = CN()
+    _C.TRAIN.CHECKPOINT_FREQ = 0
+    _C.TRAIN.PRINT_FREQ = 10
+    _C.TRAIN.COUNT_ITER = "train_x"
+    _C.TEST = CN()
+    _C.TEST.EVALUATOR = "Classification"
+    _C.TEST.PER_CLASS_RESULT = False
+    _C.TEST.COMPUTE_CMAT = False
+    _C.TEST.NO_TEST = False
+    _C.TEST.SPLIT = "test"
+    _C.TEST.FINAL_MODEL = "last_step"
+
+    # ---------------- Trainer
+    _C.TRAINER = CN()
+    _C.TRAINER.NAME = ""
+    _C.TRAINER.LOSS = "ce"  # ce | la (logit-adjusted, methods.md section 12)
+    _C.TRAINER.LA_TAU = 1.0
+    return _C
+
+
+def get_cfg_default():
+    """A fresh default config, including every section registered with ``register_config``."""
+    cfg = _base_defaults()
+    for fn in _CONFIG_EXTENSIONS:
+        fn(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- merging
+
+
+def _decode(value):
+    """Strings are parsed as Python literals when possible (yacs convention: '1e-5' -> 1e-05)."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
+def _coerce(value, default, key, source):
+    """Match ``value`` to the type of ``default`` (list<->tuple and int->float are allowed)."""
+    if default is None or type(value) is type(default):
+        return value
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(
+        f"type mismatch for config key {key} (from {source}): expected {type(default).__name__}, "
+        f"got {value!r} ({type(value).__name__})"
+    )
+
+
+def _unknown_key(node, key, full_key, source):
+    msg = f"unknown config key {full_key} (from {source})"
+    close = difflib.get_close_matches(key, list(node.keys()), n=1)
+    if close:
+        prefix = full_key[: len(full_key) - len(key)]
+        msg += f"; did you mean {prefix}{close[0]}?"
+    if full_key.startswith("TRAINER."):
+        msg += (
+            "; trainer-specific sections are added by the trainer module's @register_config "
+            "(is that trainer implemented and imported?)"
+        )
+    return ConfigError(msg)
+
+
+def _merge_dict(node, data, source, prefix=""):
+    for key, value in data.items():
+        full_key = prefix + str(key)
+        if key not in node:
+            raise _unknown_key(node, str(key), full_key, source)
+        current = node[key]
+        if isinstance(current, CN):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"config key {full_key} (from {source}) is a section; expected a mapping, "
+                    f"got {value!r}"
+                )
+            _merge_dict(current, value, source, full_key + ".")
+        else:
+            if isinstance(value, dict):
+                raise ConfigError(
+                    f"config key {full_key} (from {source}) is a value, not a section; got a mapping"
+                )
+            node[key] = _coerce(_decode(value), current, full_key, source)
+
+
+def merge_from_file(cfg, path):
+    """Merge a yaml file into ``cfg``; errors name the file and the full dotted key."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    if data is None:
+        return cfg
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    _merge_dict(cfg, data, path)
+    return cfg
+
+
+def merge_from_list(cfg, opts, source="command line opts"):
+    """Merge trailing ``KEY VALUE`` pairs (e.g. ``OPTIM.LR 0.01``)."""
+    opts = list(opts or [])
+    if len(opts) % 2 != 0:
+        raise ConfigError(
+            f"{source} must be KEY VALUE pairs, got an odd number of items ({len(opts)}): {opts}"
+        )
+    for full_key, value in zip(opts[0::2], opts[1::2]):
+        parts = str(full_key).split(".")
+        node = cfg
+        for i, part in enumerate(parts):
+            if not isinstance(node, CN) or part not in node:
+                parent = node if isinstance(node, CN) else CN()
+                raise _unknown_key(parent, part, full_key, source)
+            if i < len(parts) - 1:
+                node = node[part]
+        if isinstance(node[parts[-1]], CN):
+            raise ConfigError(f"config key {full_key} (from {source}) is a section, not a value")
+        node[parts[-1]] = _coerce(_decode(value), node[parts[-1]], full_key, source)
+    return cfg
+
+
+def _import_trainers():
+    """Import the ``trainers`` package (if present) so that its config sections are registered."""
+    if importlib.util.find_spec("trainers") is not None:
+        importlib.import_module("trainers")
+
+
+def build_cfg(args):
+    """Defaults -> dataset yaml -> trainer yaml -> CLI flags -> opts; validated and frozen.
+
+    ``args`` may be an argparse namespace with: root, seed, trainer, config_file,
+    dataset_config_file, output_dir, opts (optionally resume, backbone, head, source_domains,
+    target_domains, transforms as in CoOp's train.py). Missing or empty attributes are skipped;
+    a negative seed means "not given" (CoOp's CLI default is -1).
+    """
+    _import_trainers()
+    cfg = get_cfg_default()
+
+    def arg(name):
+        return getattr(args, name, None)
+
+    if arg("dataset_config_file"):
+        merge_from_file(cfg, arg("dataset_config_file"))
+    if arg("config_file"):
+        merge_from_file(cfg, arg("config_file"))
+
+    if arg("root"):
+        cfg.DATASET.ROOT = arg("root")
+    if arg("output_dir"):
+        cfg.OUTPUT_DIR = arg("output_dir")
+    if arg("resume"):
+        cfg.RESUME = arg("resume")
+    if arg("seed") is not None and arg("seed") >= 0:
+        cfg.SEED = int(arg("seed"))
+    if arg("trainer"):
+        cfg.TRAINER.NAME = arg("trainer")
+    if arg("backbone"):
+        cfg.MODEL.BACKBONE.NAME = arg("backbone")
+    if arg("head"):
+        cfg.MODEL.HEAD.NAME = arg("head")
+    if arg("source_domains"):
+        cfg.DATASET.SOURCE_DOMAINS = tuple(arg("source_domains"))
+    if arg("target_domains"):
+        cfg.DATASET.TARGET_DOMAINS = tuple(arg("target_domains"))
+    if arg("transforms"):
+        cfg.INPUT.TRANSFORMS = tuple(arg("transforms"))
+
+    merge_from_list(cfg, arg("opts"))
+    validate_cfg(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def validate_cfg(cfg):
+    """Reject impossible settings with a message naming the key, the value and what is expected."""
+
+    def choice(key, value, choices):
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+    d, o = cfg.DATASET, cfg.OPTIM
+    if d.IMB_FACTOR < 1:
+        raise ConfigError(
+            f"DATASET.IMB_FACTOR must be >= 1, got {d.IMB_FACTOR}: it is the imbalance ratio "
+            "n_max / n_min (1 = balanced, 10 = the paper's imb 10). Candle's IMBALANCE_RATIO 0.1 "
+            "corresponds to IMB_FACTOR 10."
+        )
+    choice("DATASET.SUBSAMPLE_CLASSES", d.SUBSAMPLE_CLASSES, SUBSAMPLE_CHOICES)
+    choice("DATASET.IMB_PROFILE", d.IMB_PROFILE, IMB_PROFILES)
+    for key in ("STEP_HEAD_FRACTION", "HEAD_FRACTION"):
+        if not 0 < d[key] < 1:
+            raise ConfigError(f"DATASET.{key} must be strictly between 0 and 1, got {d[key]}")
+    choice("TRAINER.LOSS", cfg.TRAINER.LOSS, LOSSES)
+    if cfg.TRAINER.LA_TAU < 0:
+        raise ConfigError(f"TRAINER.LA_TAU must be >= 0, got {cfg.TRAINER.LA_TAU}")
+    if o.MAX_EPOCH < 1:
+        raise ConfigError(f"OPTIM.MAX_EPOCH must be >= 1, got {o.MAX_EPOCH}")
+    for loader in ("TRAIN_X", "TRAIN_U", "TEST"):
+        bs = cfg.DATALOADER[loader].BATCH_SIZE
+        if bs < 1:
+            raise ConfigError(f"DATALOADER.{loader}.BATCH_SIZE must be >= 1, got {bs}")
+    choice("OPTIM.NAME", o.NAME, OPTIMIZERS)
+    choice("OPTIM.LR_SCHEDULER", o.LR_SCHEDULER, LR_SCHEDULERS)
+    choice("OPTIM.WARMUP_TYPE", o.WARMUP_TYPE, WARMUP_TYPES)
+    return cfg
+
+
+def dump_cfg(cfg, path):
+    """Write the fully resolved config as yaml, atomically."""
+    atomic_write_text(cfg.dump(), path)
