@@ -9,6 +9,7 @@ The workaround is applied only when the plain import fails.
 """
 import importlib
 import sys
+import warnings
 
 _fragment = None
 
@@ -38,4 +39,7 @@ def import_torchvision():
 def import_clip():
     """Return the ``clip`` package (clip-anytorch), importing torchvision safely first."""
     import_torchvision()
-    return importlib.import_module("clip")
+    with warnings.catch_warnings():
+        # clip-anytorch imports pkg_resources (pinned setuptools<81 keeps it); its deprecation notice is noise
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        return importlib.import_module("clip")

@@ -1,0 +1,442 @@
+"""TrainerX: the Dassl-style training/evaluation loop shared by every method.
+
+A method subclasses ``TrainerX`` and implements ``build_model`` (create modules, call ``register_model``),
+``forward_backward(batch)`` (returns a dict of scalars, uses ``model_backward_and_update``) and
+``model_inference(images)`` (logits over the dataset's active classes). The engine owns the epoch loop,
+the LR schedule (stepped once per epoch), logging, atomic trainable-only checkpoints, resume,
+evaluation and ``results.json``.
+"""
+import contextlib
+import datetime
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.checkpoint import atomic_torch_save, atomic_write_json
+from engine.clip_loader import load_clip
+from engine.config import ConfigError, dump_cfg
+from engine.data import DataManager
+from engine.losses import logit_adjusted_ce
+from engine.metrics import compute_metrics
+from engine.optim import build_lr_scheduler, build_optimizer
+from engine.prompted_clip import PromptedCLIP
+
+CKPT_PREFIX = "model.pth.tar-"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class RunError(RuntimeError):
+    """A run cannot start as requested (finished run present, no checkpoint for --eval-only, ...)."""
+
+
+def set_random_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def code_version():
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def setup_logger(output_dir):
+    logger = logging.getLogger("lt_prompt")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+def trainer_node(cfg):
+    """The TRAINER.<NAME> node of the active trainer (CoOp's upper-case convention), or None."""
+    key = cfg.TRAINER.NAME.upper()
+    return cfg.TRAINER.get(key, None)
+
+
+class TrainerX:
+    """Base trainer for a single labelled training set (Dassl's TrainerX)."""
+
+    def __init__(self, cfg, dataset=None, run_info=None):
+        self.cfg = cfg
+        self.run_info = dict(run_info or {})
+        self.output_dir = cfg.OUTPUT_DIR
+        self.logger = setup_logger(self.output_dir)
+        self.device = torch.device("cuda" if cfg.USE_CUDA and torch.cuda.is_available() else "cpu")
+        self.precision = self._resolve_precision()
+        self.seed = cfg.SEED if cfg.SEED >= 0 else 0
+        set_random_seed(self.seed)
+        self.max_epoch = cfg.OPTIM.MAX_EPOCH
+        self.epoch = 0
+        self._models = OrderedDict()
+        self._optims = OrderedDict()
+        self._scheds = OrderedDict()
+        self.dm = DataManager(cfg, dataset=dataset)
+        self.dataset = self.dm.dataset
+        self.classnames = list(self.dataset.classnames)
+        self.num_classes = len(self.classnames)
+        self.clip = self.build_clip()
+        self.check_input_size()
+        self.build_model()
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "amp" else None
+        self.log(f"Trainer {cfg.TRAINER.NAME} on {self.device} ({self.precision}); "
+                 f"{self.num_classes} classes; {self.count_trainable_parameters():,} trainable parameters")
+
+    # ---- construction helpers
+    def _resolve_precision(self):
+        node = trainer_node(self.cfg)
+        prec = node.get("PREC", "fp32") if node is not None else "fp32"
+        if self.device.type != "cuda":
+            return "fp32"
+        return "amp" if prec in ("amp", "fp16") else "fp32"
+
+    def build_clip(self):
+        name = self.cfg.MODEL.BACKBONE.NAME
+        model = load_clip(name, self.cfg.MODEL.BACKBONE.PATH)
+        enc = PromptedCLIP(model, truncate_text=self.cfg.MODEL.TRUNCATE_TEXT,
+                           cache_text_prefix=self.cfg.MODEL.TEXT_PREFIX_CACHE)
+        return enc.to(self.device)
+
+    def check_input_size(self):
+        res = self.clip.clip.visual.input_resolution
+        if tuple(self.cfg.INPUT.SIZE) != (res, res):
+            raise ConfigError(f"INPUT.SIZE {tuple(self.cfg.INPUT.SIZE)} does not match the input resolution {res} of "
+                              f"backbone {self.cfg.MODEL.BACKBONE.NAME}; pass INPUT.SIZE \"({res}, {res})\"")
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def register_model(self, name, model, optim=None, sched=None):
+        self._models[name] = model
+        self._optims[name] = optim
+        self._scheds[name] = sched
+
+    def build_optim_sched(self, module):
+        optim = build_optimizer(module, self.cfg.OPTIM)
+        return optim, build_lr_scheduler(optim, self.cfg.OPTIM)
+
+    def count_trainable_parameters(self):
+        return sum(p.numel() for m in self._models.values() for p in m.parameters() if p.requires_grad)
+
+    def log(self, msg):
+        self.logger.info(msg)
+
+    def autocast(self):
+        if self.precision == "amp":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    # ---- losses / updates
+    def compute_loss(self, logits, labels):
+        if self.cfg.TRAINER.LOSS == "la":
+            return logit_adjusted_ce(logits, labels, self.dataset.train_counts, tau=self.cfg.TRAINER.LA_TAU)
+        return F.cross_entropy(logits, labels)
+
+    def model_backward_and_update(self, loss, names=None):
+        names = list(self._optims) if names is None else names
+        optims = [self._optims[n] for n in names if self._optims[n] is not None]
+        for o in optims:
+            o.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch + 1}; lower OPTIM.LR or check the data")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            for o in optims:
+                self.scaler.step(o)
+            self.scaler.update()
+        else:
+            loss.backward()
+            for o in optims:
+                o.step()
+
+    def get_current_lr(self):
+        for o in self._optims.values():
+            if o is not None:
+                return o.param_groups[0]["lr"]
+        return 0.0
+
+    def parse_batch_train(self, batch):
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def parse_batch_test(self, batch):
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def forward_backward(self, batch):
+        raise NotImplementedError
+
+    def model_inference(self, images):
+        raise NotImplementedError
+
+    def set_model_mode(self, mode):
+        for m in self._models.values():
+            m.train(mode == "train")
+
+    # ---- checkpoints
+    def _trainable_state(self, model):
+        """Parameters that train plus persistent buffers (e.g. LAMP's load-balancing bias); the frozen
+        CLIP weights are never part of a method module."""
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def checkpoint_dir(self, name, root=None):
+        return os.path.join(root or self.output_dir, name)
+
+    def save_checkpoint(self, epoch):
+        for name, model in self._models.items():
+            ckpt = {
+                "state_dict": self._trainable_state(model),
+                "epoch": epoch,
+                "optimizer": self._optims[name].state_dict() if self._optims[name] is not None else None,
+                "scheduler": self._scheds[name].state_dict() if self._scheds[name] is not None else None,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "extra": self.extra_checkpoint_state(),
+                "history": {"epoch_losses": list(getattr(self, "epoch_losses", [])),
+                            "train_time": getattr(self, "train_time", 0.0)},
+            }
+            folder = self.checkpoint_dir(name)
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{CKPT_PREFIX}{epoch}")
+            atomic_torch_save(ckpt, path)
+            with open(os.path.join(folder, "checkpoint.tmp"), "w") as f:
+                f.write(f"{CKPT_PREFIX}{epoch}\n")
+            os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint"))
+            freq = self.cfg.TRAIN.CHECKPOINT_FREQ
+            for old in Path(folder).glob(f"{CKPT_PREFIX}*"):
+                old_epoch = int(old.name[len(CKPT_PREFIX):])
+                if old_epoch < epoch and not (freq > 0 and old_epoch % freq == 0):
+                    old.unlink()
+
+    def extra_checkpoint_state(self):
+        """Trainer state outside the registered modules that a resume needs (override if any)."""
+        return {}
+
+    def load_extra_checkpoint_state(self, state):
+        pass
+
+    @staticmethod
+    def latest_checkpoint(folder):
+        marker = os.path.join(folder, "checkpoint")
+        if os.path.isfile(marker):
+            name = open(marker).read().strip()
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        found = sorted(Path(folder).glob(f"{CKPT_PREFIX}*"), key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+        return str(found[-1]) if found else None
+
+    def load_model(self, model_dir, epoch=None):
+        """Load trainable state (weights only) for evaluation; raises RunError if nothing is there."""
+        if not self._models:
+            return
+        for name, model in self._models.items():
+            folder = self.checkpoint_dir(name, model_dir)
+            if epoch is not None and epoch >= 0:
+                path = os.path.join(folder, f"{CKPT_PREFIX}{epoch}")
+            else:
+                path = self.latest_checkpoint(folder) if os.path.isdir(folder) else None
+            if not path or not os.path.isfile(path):
+                raise RunError(f"no checkpoint for '{name}' at {path or folder}: train first "
+                               f"(--eval-only never trains) or pass the right --model-dir / --load-epoch")
+            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+            model.load_state_dict(ckpt["state_dict"])
+            self.load_extra_checkpoint_state(ckpt.get("extra") or {})
+            self.log(f"Loaded {name} from {path} (epoch {ckpt['epoch']})")
+
+    def resume_if_possible(self):
+        """Continue an interrupted run from its last epoch checkpoint; return the epoch to start at."""
+        start = 0
+        for name, model in self._models.items():
+            folder = self.checkpoint_dir(name)
+            path = self.latest_checkpoint(folder) if os.path.isdir(folder) else None
+            if path is None:
+                return 0
+            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+            model.load_state_dict(ckpt["state_dict"])
+            if ckpt["optimizer"] is not None and self._optims[name] is not None:
+                self._optims[name].load_state_dict(ckpt["optimizer"])
+            if ckpt["scheduler"] is not None and self._scheds[name] is not None:
+                self._scheds[name].load_state_dict(ckpt["scheduler"])
+            rng = ckpt.get("rng")
+            if rng:
+                torch.set_rng_state(rng["torch"])
+                np.random.set_state(rng["numpy"])
+                random.setstate(rng["python"])
+            self.load_extra_checkpoint_state(ckpt.get("extra") or {})
+            history = ckpt.get("history") or {}
+            self.epoch_losses = list(history.get("epoch_losses", []))
+            self.train_time = history.get("train_time", 0.0)
+            start = ckpt["epoch"] + 1
+        if start:
+            self.log(f"Resuming from {self.output_dir}: epoch {start} of {self.max_epoch} already done")
+        return start
+
+    # ---- training loop
+    def results_path(self):
+        return os.path.join(self.output_dir, "results.json")
+
+    def train(self):
+        if os.path.isfile(self.results_path()):
+            raise RunError(f"{self.output_dir} already holds a finished run (results.json); "
+                           f"choose another --output-dir or delete that folder yourself")
+        self.write_run_files()
+        self.epoch_losses, self.train_time = [], 0.0
+        start = self.resume_if_possible() if self.count_trainable_parameters() else self.max_epoch
+        for self.epoch in range(start, self.max_epoch):
+            self.before_epoch()
+            self.run_epoch()
+            self.after_epoch()
+        self.after_train()
+
+    def before_epoch(self):
+        # Re-seed per epoch so an interrupted run that resumes draws the same batches and crops.
+        epoch_seed = self.seed * 10007 + self.epoch
+        torch.manual_seed(epoch_seed)
+        self.dm.set_epoch_seed(epoch_seed)
+
+    def run_epoch(self):
+        self.set_model_mode("train")
+        loader = self.dm.train_loader_x
+        self.num_batches = len(loader)
+        losses, t0 = [], time.time()
+        bar = tqdm(loader, total=self.num_batches, desc=f"epoch {self.epoch + 1}/{self.max_epoch}",
+                   leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+        tic = time.time()
+        for self.batch_idx, batch in enumerate(bar):
+            out = self.forward_backward(batch)
+            losses.append(out["loss"])
+            step_time = time.time() - tic
+            tic = time.time()
+            if (self.batch_idx + 1) % self.cfg.TRAIN.PRINT_FREQ == 0 or self.batch_idx + 1 == self.num_batches:
+                extra = " ".join(f"{k} {v:.4f}" for k, v in out.items() if k != "loss")
+                self.log(f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
+                         f"time {step_time:.3f}s loss {out['loss']:.4f} {extra} lr {self.get_current_lr():.4e}".rstrip())
+            bar.set_postfix(loss=f"{out['loss']:.3f}")
+        self.epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
+        self.train_time += time.time() - t0
+
+    def after_epoch(self):
+        for sched in self._scheds.values():
+            if sched is not None:
+                sched.step()
+        self.log(f"epoch {self.epoch + 1} done: mean loss {self.epoch_losses[-1]:.4f}")
+        self.save_checkpoint(self.epoch)
+
+    def after_train(self):
+        results = self.evaluate_all()
+        self.write_results(results)
+
+    # ---- evaluation
+    def eval_head_labels(self):
+        """Head classes are defined by the training counts; only meaningful when the evaluated classes
+        are the trained ones (base or all), not for the new-class test."""
+        if self.cfg.DATASET.SUBSAMPLE_CLASSES == "new":
+            return None
+        return getattr(self.dataset, "head_labels", None)
+
+    def evaluate_all(self):
+        """Return {eval_name: metrics}. Methods with several inference variants override this."""
+        return {"test": self.test()}
+
+    def before_test(self):
+        pass
+
+    @torch.no_grad()
+    def test(self, loader=None, desc="test"):
+        self.set_model_mode("eval")
+        self.before_test()
+        loader = loader or self.dm.test_loader
+        y_true, y_pred = [], []
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+            images, labels = self.parse_batch_test(batch)
+            with self.autocast():
+                logits = self.model_inference(images)
+            y_pred.append(logits.argmax(dim=1).cpu())
+            y_true.append(labels.cpu())
+        y_true = torch.cat(y_true).numpy()
+        y_pred = torch.cat(y_pred).numpy()
+        metrics = compute_metrics(y_true, y_pred, self.num_classes, head_labels=self.eval_head_labels())
+        self.log(f"[{desc}] {len(y_true)} images, {self.num_classes} classes: accuracy {metrics['accuracy']:.2f} "
+                 f"macro-F1 {metrics['macro_f1']:.2f} mean-class {metrics['mean_class_acc']:.2f}")
+        return metrics
+
+    def write_run_files(self):
+        os.makedirs(self.output_dir, exist_ok=True)
+        dump_cfg(self.cfg, os.path.join(self.output_dir, "config.yaml"))
+        manifest = getattr(self.dataset, "manifest", None)
+        if manifest:
+            atomic_write_json(manifest, os.path.join(self.output_dir, "manifest.json"))
+
+    def write_results(self, results):
+        cfg = self.cfg
+        manifest = getattr(self.dataset, "manifest", None) or {}
+        payload = {
+            "trainer": cfg.TRAINER.NAME,
+            "dataset": cfg.DATASET.NAME,
+            "config": self.run_info.get("config", ""),
+            "experiment": self.run_info.get("experiment", ""),
+            "seed": cfg.SEED,
+            "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
+            "imb_factor": float(cfg.DATASET.IMB_FACTOR),
+            "num_shots": cfg.DATASET.NUM_SHOTS,
+            "loss": cfg.TRAINER.LOSS,
+            "backbone": cfg.MODEL.BACKBONE.NAME,
+            "num_classes": self.num_classes,
+            "trainable_parameters": self.count_trainable_parameters(),
+            "epochs": self.max_epoch,
+            "epoch_losses": getattr(self, "epoch_losses", []),
+            "train_time_s": round(getattr(self, "train_time", 0.0), 2),
+            "manifest_hash": manifest.get("hash", ""),
+            "code_version": code_version(),
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "results": results,
+        }
+        payload.update(self.extra_results())
+        atomic_write_json(payload, self.results_path())
+        self.log(f"Results written to {self.results_path()}")
+        return payload
+
+    def extra_results(self):
+        """Method-specific top-level fields for results.json (e.g. LAMP's load diagnostics)."""
+        return {}
+
+    def eval_only(self, model_dir=None, load_epoch=None):
+        """Evaluate a trained model; never trains. Methods without trainable state need no checkpoint."""
+        if os.path.isfile(self.results_path()):
+            raise RunError(f"{self.output_dir} already holds results.json; choose another --output-dir")
+        if self.count_trainable_parameters():
+            if not model_dir:
+                raise RunError("--eval-only needs --model-dir pointing to a trained run of this method")
+            self.load_model(model_dir, load_epoch)
+        self.write_run_files()
+        self.after_eval_only_load()
+        results = self.evaluate_all()
+        return self.write_results(results)
+
+    def after_eval_only_load(self):
+        """Hook between loading and evaluating (LAMP adapts its new-class bias here)."""

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# CoCoOp, long-tailed cross-dataset: train on ImageNet (all 1000 classes, imbalance factor 100), test on the 10 other datasets.
+# usage: bash scripts/cocoop/xd.sh [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
+set -euo pipefail
+TRAINER=CoCoOp
+CFG="${CFG:-vit_b16_c4_ep10_batch1_ctxv1}"
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+xd "$@"

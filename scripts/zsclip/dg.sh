@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Zero-shot CLIP, long-tailed domain generalization: train on ImageNet (imbalance factor 100), test on ImageNet-V2/-Sketch/-A/-R.
+# usage: bash scripts/zsclip/dg.sh [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
+set -euo pipefail
+TRAINER=ZeroshotCLIP
+CFG="${CFG:-vit_b16}"
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+dg "$@"

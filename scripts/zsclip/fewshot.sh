@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Zero-shot CLIP, balanced few-shot base-to-new: SHOTS images per base class, test on base and new.
+# usage: bash scripts/zsclip/fewshot.sh DATASET SHOTS [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
+set -euo pipefail
+TRAINER=ZeroshotCLIP
+CFG="${CFG:-vit_b16}"
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+fewshot "$@"

@@ -1,0 +1,72 @@
+"""CoCoOp (Zhou et al., CVPR 2022): context shifted per image by a meta-net on the image feature.
+All B x C prompts go through the text encoder as one batch (no per-image loop)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from engine.config import register_config
+from engine.registry import TRAINER_REGISTRY
+from engine.trainer import TrainerX
+from trainers.common import ContextHooks, build_context_prompts, cosine_logits, init_context
+
+
+@register_config
+def add_cocoop_config(cfg):
+    cfg.TRAINER.COCOOP = CN()
+    cfg.TRAINER.COCOOP.N_CTX = 16
+    cfg.TRAINER.COCOOP.CTX_INIT = ""
+    cfg.TRAINER.COCOOP.PREC = "fp16"
+    cfg.TRAINER.COCOOP.META_NET_REDUCTION = 16  # hidden width = embed_dim // this (512 -> 32)
+    cfg.TRAINER.COCOOP.MAX_TEXT_BATCH = 20000  # sequences per text-encoder call at test time
+
+
+class CoCoOpPromptLearner(nn.Module):
+    def __init__(self, encoder, classnames, n_ctx, ctx_init, reduction):
+        super().__init__()
+        vectors, placeholder = init_context(encoder, n_ctx, ctx_init)
+        self.ctx = nn.Parameter(vectors)
+        hidden = encoder.embed_dim // reduction
+        self.meta_net = nn.Sequential(nn.Linear(encoder.embed_dim, hidden), nn.ReLU(inplace=True),
+                                      nn.Linear(hidden, encoder.text_width))
+        tokens, positions = build_context_prompts(encoder, classnames, placeholder, vectors.shape[0])
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.hooks = ContextHooks(positions)
+        self.hooks.per_image = True
+
+    def text_features(self, encoder, image_features):
+        """(B, C, D) classifiers, one set per image."""
+        shift = self.meta_net(image_features)                     # (B, D_t)
+        self.hooks.ctx = self.ctx.unsqueeze(0) + shift.unsqueeze(1)  # (B, n_ctx, D_t)
+        feats = encoder.encode_text(self.tokens, self.hooks)     # (B*C, D)
+        return feats.view(image_features.shape[0], self.tokens.shape[0], -1)
+
+
+@TRAINER_REGISTRY.register("CoCoOp")
+class CoCoOp(TrainerX):
+    default_config = "vit_b16_c4_ep10_batch1_ctxv1.yaml"
+
+    def build_model(self):
+        c = self.cfg.TRAINER.COCOOP
+        self.prompt_learner = CoCoOpPromptLearner(self.clip, self.classnames, c.N_CTX, c.CTX_INIT,
+                                                  c.META_NET_REDUCTION).to(self.device)
+        self.register_model("prompt_learner", self.prompt_learner, *self.build_optim_sched(self.prompt_learner))
+
+    def logits(self, images):
+        with torch.no_grad():
+            image_features = F.normalize(self.clip.encode_image(images), dim=-1)
+        text_features = self.prompt_learner.text_features(self.clip, image_features)
+        return cosine_logits(image_features, text_features, self.clip.logit_scale)
+
+    def forward_backward(self, batch):
+        images, labels = self.parse_batch_train(batch)
+        with self.autocast():
+            logits = self.logits(images)
+            loss = self.compute_loss(logits, labels)
+        self.model_backward_and_update(loss)
+        return {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+
+    def model_inference(self, images):
+        # Bound the B*C text batch at test time by splitting the image batch (exact: images are independent).
+        per_call = max(1, self.cfg.TRAINER.COCOOP.MAX_TEXT_BATCH // self.num_classes)
+        return torch.cat([self.logits(chunk) for chunk in images.split(per_call)])

@@ -1,0 +1,63 @@
+"""CoOp (Zhou et al., IJCV 2022): learnable context vectors shared by all classes (or class-specific)."""
+import torch
+import torch.nn as nn
+from yacs.config import CfgNode as CN
+
+from engine.config import register_config
+from engine.registry import TRAINER_REGISTRY
+from engine.trainer import TrainerX
+from trainers.common import ContextHooks, build_context_prompts, cosine_logits, init_context
+
+
+@register_config
+def add_coop_config(cfg):
+    cfg.TRAINER.COOP = CN()
+    cfg.TRAINER.COOP.N_CTX = 16  # context length (ignored when CTX_INIT is given)
+    cfg.TRAINER.COOP.CSC = False  # class-specific context
+    cfg.TRAINER.COOP.CTX_INIT = ""  # e.g. "a photo of a"
+    cfg.TRAINER.COOP.PREC = "fp16"  # fp16/amp -> autocast on GPU; CPU always runs fp32
+    cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end | middle | front
+
+
+class CoOpPromptLearner(nn.Module):
+    def __init__(self, encoder, classnames, n_ctx, ctx_init, csc, position):
+        super().__init__()
+        vectors, placeholder = init_context(encoder, n_ctx, ctx_init, class_count=len(classnames) if csc else None)
+        self.ctx = nn.Parameter(vectors)
+        tokens, positions = build_context_prompts(encoder, classnames, placeholder, vectors.shape[-2], position)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.hooks = ContextHooks(positions)
+
+    def text_features(self, encoder):
+        self.hooks.ctx = self.ctx
+        return encoder.encode_text(self.tokens, self.hooks)
+
+
+@TRAINER_REGISTRY.register("CoOp")
+class CoOp(TrainerX):
+    default_config = "vit_b16_ep50_ctxv1.yaml"
+
+    def build_model(self):
+        c = self.cfg.TRAINER.COOP
+        self.prompt_learner = CoOpPromptLearner(self.clip, self.classnames, c.N_CTX, c.CTX_INIT, c.CSC,
+                                                c.CLASS_TOKEN_POSITION).to(self.device)
+        self.register_model("prompt_learner", self.prompt_learner, *self.build_optim_sched(self.prompt_learner))
+        self.eval_text_features = None
+
+    def forward_backward(self, batch):
+        images, labels = self.parse_batch_train(batch)
+        with self.autocast():
+            with torch.no_grad():
+                image_features = self.clip.encode_image(images)
+            logits = cosine_logits(image_features, self.prompt_learner.text_features(self.clip), self.clip.logit_scale)
+            loss = self.compute_loss(logits, labels)
+        self.model_backward_and_update(loss)
+        return {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+
+    def before_test(self):
+        # The prompts are static at test time: one text pass for the whole test set.
+        with self.autocast():
+            self.eval_text_features = self.prompt_learner.text_features(self.clip)
+
+    def model_inference(self, images):
+        return cosine_logits(self.clip.encode_image(images), self.eval_text_features, self.clip.logit_scale)

@@ -1,0 +1,15 @@
+"""Zero-shot CLIP: hand-crafted template per dataset, no training."""
+from engine.registry import TRAINER_REGISTRY
+from engine.trainer import TrainerX
+from trainers.common import cosine_logits, frozen_text_features
+
+
+@TRAINER_REGISTRY.register("ZeroshotCLIP")
+class ZeroshotCLIP(TrainerX):
+    default_config = "vit_b16.yaml"
+
+    def build_model(self):
+        self.text_features = frozen_text_features(self.clip, self.dataset.template, self.classnames)
+
+    def model_inference(self, images):
+        return cosine_logits(self.clip.encode_image(images), self.text_features, self.clip.logit_scale)
