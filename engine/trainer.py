@@ -307,11 +307,16 @@ class TrainerX:
         self.write_run_files()
         self.epoch_losses, self.train_time = [], 0.0
         start = self.resume_if_possible() if self.count_trainable_parameters() else self.max_epoch
+        if start < self.max_epoch:
+            self.before_train(resumed=start > 0)
         for self.epoch in range(start, self.max_epoch):
             self.before_epoch()
             self.run_epoch()
             self.after_epoch()
         self.after_train()
+
+    def before_train(self, resumed):
+        """Called once before the first epoch that runs (e.g. to compute class prototypes)."""
 
     def before_epoch(self):
         # Re-seed per epoch so an interrupted run that resumes draws the same batches and crops.
