@@ -7,6 +7,7 @@
 #   CFG      trainer config name in configs/trainers/$TRAINER/ (each script has its default)
 #   EXTRA    extra KEY VALUE opts for every run, e.g. "OPTIM.MAX_EPOCH 5"
 #   PYTHON   interpreter (default: <repo>/.venv/bin/python if present, else python3)
+#   XD_SOURCE, XD_IMB, XD_TARGETS, DG_TARGETS   source dataset / imbalance / target lists of xd and dg
 #
 # Output layout (CoOp/MaPLe/Candle style):
 #   $OUTPUT/base2new_imb<IMB>/train_base/<dataset>/<TRAINER>/<cfg>/seed<S>/   train on base, test on base
@@ -89,8 +90,8 @@ fewshot() {  # DATASET SHOTS [SEED...]
 
 XD_SOURCE="${XD_SOURCE:-imagenet}"
 XD_IMB="${XD_IMB:-100}"
-XD_TARGETS="caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101"
-DG_TARGETS="imagenetv2 imagenet_sketch imagenet_a imagenet_r"
+XD_TARGETS="${XD_TARGETS:-caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101}"
+DG_TARGETS="${DG_TARGETS:-imagenetv2 imagenet_sketch imagenet_a imagenet_r}"
 
 # Train once on the long-tailed source (all classes), then evaluate on each target dataset.
 # transfer EXPERIMENT TARGETS SEED...
