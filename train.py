@@ -62,7 +62,10 @@ def main(argv=None):
         if os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "results.json")):
             raise RunError(f"{cfg.OUTPUT_DIR} already holds a finished run (results.json); "
                            f"choose another --output-dir or delete that folder yourself")
-        run_info = {"config": Path(args.config_file).stem if args.config_file else "default",
+        config_name = Path(args.config_file).stem if args.config_file else "default"
+        if cfg.TRAINER.LOSS == "la":
+            config_name += "_la"  # "+LA" runs are their own method in tables (same suffix as scripts/lib.sh)
+        run_info = {"config": config_name,
                     "experiment": experiment_name(cfg.OUTPUT_DIR)}
         trainer = build_trainer(cfg, run_info)
         if args.eval_only:

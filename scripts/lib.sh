@@ -13,6 +13,7 @@
 #   $OUTPUT/base2new_imb<IMB>/train_base/<dataset>/<TRAINER>/<cfg>/seed<S>/   train on base, test on base
 #   $OUTPUT/base2new_imb<IMB>/test_new/<dataset>/<TRAINER>/<cfg>/seed<S>/     test the same model on new
 # A seed whose results.json exists is skipped; an unfinished one resumes from its last checkpoint.
+# Runs share the data caches in $OUTPUT/cache (capped splits, ImageNet's folder scan).
 # Nothing here deletes results.
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,7 +53,7 @@ run_one() {
   # shellcheck disable=SC2086
   "$PYTHON" "$REPO/train.py" --root "$DATA" --seed "$SEED" --trainer "$TRAINER" \
     --dataset-config-file "$dcfg" --config-file "$tcfg" --output-dir "$outdir" "${flags[@]}" \
-    "$@" TRAINER.LOSS "$LOSS" $EXTRA
+    DATASET.CACHE_DIR "$OUTPUT/cache" "$@" TRAINER.LOSS "$LOSS" $EXTRA
 }
 
 # Train on base classes (unless the method has nothing to train), then test on base and on new.

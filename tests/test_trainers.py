@@ -73,6 +73,7 @@ def test_la_loss_changes_training(root, tmp_path):
     la = run_train(root, tmp_path / "la", "CoOp", "vit_b16_ep50_ctxv1.yaml", "OPTIM.MAX_EPOCH", "2",
                    "TRAINER.LOSS", "la")
     assert la["loss"] == "la" and ce["loss"] == "ce"
+    assert la["config"] == "vit_b16_ep50_ctxv1_la" and ce["config"] == "vit_b16_ep50_ctxv1"
     assert la["epoch_losses"] != ce["epoch_losses"]
 
 

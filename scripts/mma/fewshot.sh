@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# MMA, balanced few-shot base-to-new: SHOTS images per base class, test on base and new.
+# usage: bash scripts/mma/fewshot.sh DATASET SHOTS [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
+set -euo pipefail
+TRAINER=MMA
+CFG="${CFG:-vit_b16_ep5}"
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+fewshot "$@"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# MMA, long-tailed cross-dataset: train on ImageNet (all 1000 classes, imbalance factor 100), test on the 10 other datasets.
+# usage: bash scripts/mma/xd.sh [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
+set -euo pipefail
+TRAINER=MMA
+CFG="${CFG:-vit_b16_ep5}"
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+xd "$@"
