@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from engine.config import ConfigError
 from lt_sampling.manifest import atomic_write_text, build_manifest, canonical_json
 from lt_sampling.protocol import apply_protocol, cap_splits
 from lt_sampling.sampling import subsample_classes
@@ -122,7 +123,7 @@ class DatasetBase:
         self.image_dir = os.path.normpath(os.path.join(self.dataset_dir, type(self).image_dir))
         self.split_path = os.path.join(self.dataset_dir, self.split_file) if self.split_file else ""
         if _is_within(cache_dir, self.root):
-            raise ValueError(f"the cache dir {cache_dir} lies inside DATASET.ROOT {self.root}; caches never "
+            raise ConfigError(f"the cache dir {cache_dir} lies inside DATASET.ROOT {self.root}; caches never "
                              "go into the dataset root: set DATASET.CACHE_DIR or OUTPUT_DIR elsewhere")
         self.cache_dir = os.path.join(cache_dir, type(self).dataset_dir)
         name = type(self).__name__

@@ -1,0 +1,266 @@
+"""LFA, Linear Feature Alignment (Ouali et al., ICCV 2023; methods.md section 11).
+
+A black-box method on pre-computed, L2-normalised frozen CLIP features: one linear map W (D x D) applied to
+image features, x_hat = normalize(x W), logits = x_hat . t_c / 0.07 with the frozen template text
+features t_c. Trainable parameters: D^2 (262,144 for ViT-B/16).
+
+Steps (``before_train``, then the engine's epoch loop):
+
+1. Features, computed once and kept in memory: every training image under five-crop augmentation
+   (resize the short side to FIVE_CROP_RESIZE x INPUT.SIZE, then torchvision FiveCrop: 4 corners + centre;
+   5 features per image; ``FIVE_CROP False``: one test-transform feature per image), L2-normalised.
+2. beta-Procrustes init: X = all crop features, Y = the text feature of each crop's label,
+   X^T Y = U S V^T, W_0 = (1 - beta) U V^T + beta I.
+3. Refinement: AdamW (OPTIM.LR, OPTIM.WEIGHT_DECAY), per-iteration cosine to END_LR, full-batch
+   iterations; each iteration takes one crop per image (one crop position drawn per iteration, as the
+   reference code does), adds Gaussian noise (std NOISE_STD) with probability NOISE_P and applies dropout
+   (DROPOUT) with probability DROPOUT_P, and minimises the adaptive re-ranking loss (KNN nearest
+   prototypes, margins (1 - t_j . t_y) / MARGIN_SCALE).
+4. An EMA of W (starts at I; momentum 0.9 + 0.1 (1 - exp(-5 min(i, n/2) / (n/2))) at iteration i of n,
+   i.e. ramping from 0.9 to ~1.0 over the first half) is kept as a persistent buffer.
+
+Mapping onto the engine: one engine epoch = one full-batch iteration (an epoch over the training set *is*
+one step when the batch is the whole set). The iteration count is TRAINER.LFA.ITERS, or (ITERS 0) the
+dataset's entry of TRAINER.LFA.ITERS_PER_DATASET (LFA's base-to-new table), else DEFAULT_ITERS; it
+replaces OPTIM.MAX_EPOCH, and the learning rate follows LFA's per-iteration cosine (torch
+CosineAnnealingLR, eta_min END_LR), stepped by the engine once per epoch. So the engine's per-epoch
+loss log, checkpoints (W, W_ema, optimizer, scheduler), resume and results.json all work unchanged;
+``epochs`` in results.json is the number of iterations.
+
+Evaluation: the base test (and any other split) uses the refined W; the new-class test
+(DATASET.SUBSAMPLE_CLASSES new, the eval-only run) uses W_ema (NEW_TEST_MAP ema). Both are loaded from
+the checkpoint. LFA has no cross-entropy to logit-adjust: TRAINER.LOSS la is an error.
+"""
+import math
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+from yacs.config import CfgNode as CN
+
+from engine.config import ConfigError, register_config
+from engine.data import INTERPOLATIONS, T
+from engine.optim import build_optimizer
+from engine.registry import TRAINER_REGISTRY
+from engine.trainer import TrainerX
+from trainers.common import frozen_text_features
+
+# LFA's base-to-new iteration counts (saic-fi/LFA README), keyed by DATASET.NAME.
+B2N_ITERS = {"Caltech101": 40, "DescribableTextures": 100, "EuroSAT": 50, "Food101": 50, "FGVCAircraft": 100,
+             "OxfordFlowers": 50, "OxfordPets": 10, "StanfordCars": 50, "SUN397": 50, "UCF101": 100,
+             "ImageNet": 100}
+NEW_TEST_MAPS = ("ema", "refined")
+
+
+@register_config
+def add_lfa_config(cfg):
+    c = cfg.TRAINER.LFA = CN()
+    c.BETA = 0.9                 # beta-Procrustes: W0 = (1 - beta) U V^T + beta I
+    c.ITERS = 0                  # > 0: refinement iterations; 0: ITERS_PER_DATASET[DATASET.NAME] or DEFAULT_ITERS
+    c.DEFAULT_ITERS = 50
+    c.ITERS_PER_DATASET = CN(dict(B2N_ITERS))
+    c.END_LR = 1e-7              # cosine schedule end
+    c.KNN = 3                    # adaptive re-ranking loss: k nearest prototypes
+    c.MARGIN_SCALE = 4.0         # margins (1 - t_j . t_y) / MARGIN_SCALE
+    c.TEMPERATURE = 0.07         # logits = cos / TEMPERATURE
+    c.NOISE_STD = 0.035          # feature augmentation: Gaussian noise ...
+    c.NOISE_P = 0.5              # ... applied with this probability per iteration
+    c.DROPOUT = 0.05             # feature dropout ...
+    c.DROPOUT_P = 0.5            # ... applied with this probability per iteration
+    c.FIVE_CROP = True           # five crops per training image (False: one test-transform view)
+    c.FIVE_CROP_RESIZE = 1.143   # short side resized to this x INPUT.SIZE before FiveCrop (224 -> 256)
+    c.EMA_MOMENTUM = 0.9         # EMA momentum at iteration 0 (ramps to ~1.0 over the first half)
+    c.NEW_TEST_MAP = "ema"       # map for the new-class test: ema | refined
+    c.PREC = "fp16"              # feature extraction under autocast on GPU; the map is always fp32
+
+
+def beta_procrustes(x, y, beta):
+    """W = (1 - beta) U V^T + beta I with X^T Y = U S V^T (x, y: (N, D))."""
+    u, _, vh = torch.linalg.svd(x.t().double() @ y.double())
+    eye = torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
+    return ((1 - beta) * (u @ vh) + beta * eye).to(x.dtype)
+
+
+def adaptive_reranking_loss(features, prototypes, labels, knn=3, scale=4.0):
+    """mean_{i, j<=k} max(0, d_y + m_j - d_j): d_j distances of normalize(features) to the k nearest
+    normalised prototypes, d_y to the true class's, m_j = (1 - t_j . t_y) / scale."""
+    x = F.normalize(features, dim=-1)
+    t = F.normalize(prototypes, dim=-1)
+    knn = min(knn, t.shape[0])
+    near, idx = torch.cdist(x, t).topk(knn, dim=1, largest=False)
+    pos = t[labels]
+    d_pos = (x - pos).norm(dim=-1, keepdim=True)
+    margins = (1.0 - (t[idx] * pos.unsqueeze(1)).sum(-1)) / scale
+    return (d_pos + margins - near).clamp_min(0).mean()
+
+
+def ema_momentum(iteration, iters, start=0.9):
+    """LFA's ramp: start + (1 - start) * (1 - exp(-5 * min(i, n/2) / (n/2)))."""
+    half = iters // 2
+    ramp = 1.0 if half == 0 else 1.0 - math.exp(-5.0 * min(max(iteration, 0), half) / half)
+    return start + (1.0 - start) * ramp
+
+
+class LFAMap(nn.Module):
+    """The map W (trainable) and its EMA (persistent buffer, used for the new-class test)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(dim))
+        self.register_buffer("weight_ema", torch.eye(dim))
+
+
+@TRAINER_REGISTRY.register("LFA")
+class LFA(TrainerX):
+    default_config = "vit_b16_b2n_beta0.9.yaml"
+
+    def build_model(self):
+        c = self.cfg.TRAINER.LFA
+        if self.cfg.TRAINER.LOSS == "la":
+            raise ConfigError("TRAINER.LOSS la: LFA trains with its re-ranking loss, there is no cross-entropy to "
+                              "logit-adjust (LAMP compares LFA without LA); use TRAINER.LOSS ce")
+        if c.NEW_TEST_MAP not in NEW_TEST_MAPS:
+            raise ConfigError(f"TRAINER.LFA.NEW_TEST_MAP must be one of {list(NEW_TEST_MAPS)}, got {c.NEW_TEST_MAP!r}")
+        if not 0.0 <= c.BETA <= 1.0:
+            raise ConfigError(f"TRAINER.LFA.BETA must be in [0, 1], got {c.BETA}")
+        self.iters = self.resolve_iters()
+        self.max_epoch = self.iters  # one engine epoch = one full-batch iteration
+        self.map = LFAMap(self.clip.embed_dim).to(self.device)
+        optim = build_optimizer(self.map, self.cfg.OPTIM)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=self.iters, eta_min=c.END_LR)
+        self.register_model("lfa", self.map, optim, sched)
+        self.text_features = frozen_text_features(self.clip, self.dataset.template, self.classnames).float()
+        self.train_features = None   # (N, V, D) normalised crop features
+        self.train_labels = None
+        self.log(f"LFA: {self.iters} full-batch iterations (one engine epoch each; OPTIM.MAX_EPOCH is not used), "
+                 f"beta {c.BETA}, new-class test with the {c.NEW_TEST_MAP} map")
+
+    def resolve_iters(self):
+        c = self.cfg.TRAINER.LFA
+        if c.ITERS < 0:
+            raise ConfigError(f"TRAINER.LFA.ITERS must be >= 0 (0 = per-dataset table), got {c.ITERS}")
+        if c.ITERS > 0:
+            return int(c.ITERS)
+        iters = c.ITERS_PER_DATASET.get(self.cfg.DATASET.NAME, c.DEFAULT_ITERS)
+        if iters < 1:
+            raise ConfigError(f"LFA iterations for {self.cfg.DATASET.NAME or 'this dataset'} must be >= 1, got {iters}")
+        return int(iters)
+
+    # ---- features
+    def five_crop_transform(self):
+        inp = self.cfg.INPUT
+        size = tuple(int(s) for s in inp.SIZE)
+        resize = round(max(size) * self.cfg.TRAINER.LFA.FIVE_CROP_RESIZE)
+        to_tensor = [T.ToTensor()]
+        if "normalize" in inp.TRANSFORMS:
+            to_tensor.append(T.Normalize(mean=list(inp.PIXEL_MEAN), std=list(inp.PIXEL_STD)))
+        to_tensor = T.Compose(to_tensor)
+        return T.Compose([T.Resize(resize, interpolation=INTERPOLATIONS[inp.INTERPOLATION]), T.FiveCrop(size),
+                          T.Lambda(lambda crops: torch.stack([to_tensor(c) for c in crops]))])
+
+    @torch.no_grad()
+    def encode_views(self, images):
+        """(B, V, 3, H, W) or (B, 3, H, W) -> normalised features (B, V, D)."""
+        if images.dim() == 4:
+            images = images.unsqueeze(1)
+        b, v = images.shape[:2]
+        with self.autocast():
+            feats = self.clip.encode_image(images.flatten(0, 1).to(self.device))
+        return F.normalize(feats.float(), dim=-1).view(b, v, -1)
+
+    @torch.no_grad()
+    def extract_train_features(self):
+        c = self.cfg.TRAINER.LFA
+        transform = self.five_crop_transform() if c.FIVE_CROP else None
+        loader = self.dm.build_loader(self.dataset.train_x, is_train=False, transform=transform)
+        feats, labels = [], []
+        for batch in tqdm(loader, desc="LFA: training features", leave=False, disable=not sys.stderr.isatty()):
+            feats.append(self.encode_views(batch["img"]))
+            labels.append(batch["label"].to(self.device))
+        return torch.cat(feats), torch.cat(labels)
+
+    def set_training_features(self, features, labels, init_map):
+        self.train_features, self.train_labels = features, labels
+        if init_map:
+            n, v, d = features.shape
+            x = features.reshape(n * v, d)
+            y = self.text_features[labels].repeat_interleave(v, dim=0)
+            with torch.no_grad():
+                self.map.weight.copy_(beta_procrustes(x, y, self.cfg.TRAINER.LFA.BETA))
+                self.map.weight_ema.copy_(torch.eye(d, device=self.device))
+            self.log(f"LFA: beta-Procrustes init from {n} images x {v} views; training loss "
+                     f"{self.full_loss(torch.eye(d, device=self.device)):.4f} (identity) -> "
+                     f"{self.full_loss(self.map.weight):.4f} (init)")
+
+    def before_train(self, resumed):
+        features, labels = self.extract_train_features()
+        self.set_training_features(features, labels, init_map=not resumed)
+
+    def prepare_benchmark(self, batch):
+        """tools.bench: its images do not exist on disk; use the random batch, each image as 5 views."""
+        views = 5 if self.cfg.TRAINER.LFA.FIVE_CROP else 1
+        feats = self.encode_views(batch["img"]).expand(-1, views, -1).contiguous()
+        self.set_training_features(feats, batch["label"].to(self.device), init_map=True)
+
+    @torch.no_grad()
+    def full_loss(self, weight):
+        """Re-ranking loss over every training view without feature augmentation (diagnostics, tests)."""
+        n, v, d = self.train_features.shape
+        x = self.train_features.reshape(n * v, d)
+        y = self.train_labels.repeat_interleave(v)
+        c = self.cfg.TRAINER.LFA
+        return adaptive_reranking_loss(x @ weight, self.text_features, y, c.KNN, c.MARGIN_SCALE).item()
+
+    # ---- training: one full-batch iteration per engine epoch
+    def run_epoch(self):
+        self.set_model_mode("train")
+        self.num_batches, self.batch_idx = 1, 0
+        t0 = time.time()
+        out = self.forward_backward(None)
+        self.epoch_losses.append(out["loss"])
+        self.train_time += time.time() - t0
+        if (self.epoch + 1) % self.cfg.TRAIN.PRINT_FREQ == 0 or self.epoch + 1 == self.max_epoch:
+            self.log(f"iteration [{self.epoch + 1}/{self.max_epoch}] time {time.time() - t0:.3f}s "
+                     f"loss {out['loss']:.4f} acc {out['acc']:.2f} ema-momentum {out['ema_momentum']:.4f} "
+                     f"lr {self.get_current_lr():.4e}")
+
+    def forward_backward(self, batch=None):
+        """One full-batch iteration on the cached features; ``batch`` is not used (LFA's steps are
+        full-batch; tools.bench passes its random batch after ``prepare_benchmark``)."""
+        if self.train_features is None:
+            raise RuntimeError("LFA: training features are missing (before_train / prepare_benchmark not run)")
+        c = self.cfg.TRAINER.LFA
+        n, v, _ = self.train_features.shape
+        view = int(torch.randint(v, ()).item())
+        x = self.train_features[:, view]
+        labels = self.train_labels
+        if c.NOISE_STD > 0 and torch.rand(()).item() < c.NOISE_P:
+            x = x + torch.randn_like(x) * c.NOISE_STD
+        if c.DROPOUT > 0 and torch.rand(()).item() < c.DROPOUT_P:
+            x = F.dropout(x, p=c.DROPOUT, training=True)
+        mapped = x @ self.map.weight
+        loss = adaptive_reranking_loss(mapped, self.text_features, labels, c.KNN, c.MARGIN_SCALE)
+        self.model_backward_and_update(loss)
+        momentum = ema_momentum(self.epoch, self.iters, c.EMA_MOMENTUM)
+        with torch.no_grad():
+            self.map.weight_ema.mul_(momentum).add_(self.map.weight.detach(), alpha=1.0 - momentum)
+            acc = ((mapped @ self.text_features.t()).argmax(1) == labels).float().mean().item() * 100
+        return {"loss": loss.item(), "acc": acc, "ema_momentum": momentum}
+
+    # ---- evaluation
+    def uses_ema_map(self):
+        return self.cfg.DATASET.SUBSAMPLE_CLASSES == "new" and self.cfg.TRAINER.LFA.NEW_TEST_MAP == "ema"
+
+    def eval_map(self):
+        return self.map.weight_ema if self.uses_ema_map() else self.map.weight
+
+    def before_test(self):
+        self.log(f"LFA: testing with the {'EMA' if self.uses_ema_map() else 'refined'} map")
+
+    def model_inference(self, images):
+        feats = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        mapped = F.normalize(feats @ self.eval_map(), dim=-1)
+        return mapped @ self.text_features.t() / self.cfg.TRAINER.LFA.TEMPERATURE
