@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from engine.config import ConfigError
 from engine.prompted_clip import TowerHooks, repeat_batch
 
 
@@ -64,7 +65,7 @@ def build_context_prompts(encoder, classnames, placeholder, n_ctx, position="end
             texts.append(f"{name} {placeholder}{suffix}")
             positions.append(list(range(1 + n_len, 1 + n_len + n_ctx)))
         else:
-            raise ValueError(f"CLASS_TOKEN_POSITION must be end, middle or front, got '{position}'")
+            raise ConfigError(f"CLASS_TOKEN_POSITION must be end, middle or front, got '{position}'")
     return encoder.tokenize(texts), torch.tensor(positions, dtype=torch.long)
 
 
