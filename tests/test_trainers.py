@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import train
+import trainers  # noqa: F401  (registers every trainer)
+from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
 from tests.helpers_run import assert_metrics, run_eval, run_train, synthetic_root, train_args
 from tools import bench
@@ -154,3 +156,13 @@ def test_parameter_counts_on_full_size_vit_b16(trainer, config, expected, capsys
     config_file = os.path.join(bench.REPO_ROOT, "configs", "trainers", trainer, config)
     assert bench.main(["--trainer", trainer, "--params-only", "--config-file", config_file]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(expected)
+
+
+@pytest.mark.parametrize("trainer", TRAINER_REGISTRY.names())
+def test_benchmark_runs_for_every_registered_trainer(trainer, capsys):
+    assert bench.main(["--trainer", trainer, "--backbone", "tiny", "--batch", "2", "--classes", "6",
+                       "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable params" in out and "peak memory" in out
+    step = "inference" if trainer == "ZeroshotCLIP" else "training"
+    assert f"ms / {step} step" in out

@@ -1,4 +1,5 @@
 """Benchmark one training step of a trainer on random data: trainable parameters, ms/step, peak memory.
+(A trainer with no trainable parameters, e.g. ZeroshotCLIP, gets its inference step timed instead.)
 
     python -m tools.bench --trainer CoOp --backbone ViT-B/16-random --batch 4 --classes 50
     python -m tools.bench --trainer LAMP --params-only
@@ -22,6 +23,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from engine.clip_loader import RANDOM_ARCHS  # noqa: E402
 from engine.config import build_cfg  # noqa: E402
 from engine.registry import TRAINER_REGISTRY  # noqa: E402
 
@@ -75,11 +77,16 @@ def main(argv=None):
 
     import trainers  # noqa: F401
     config_file = args.config_file or default_config_file(args.trainer)
+    size_opts = []
+    if args.backbone in RANDOM_ARCHS:  # random archs have their own input resolution (tiny: 32 px)
+        res = RANDOM_ARCHS[args.backbone]["image_resolution"]
+        size_opts = ["INPUT.SIZE", f"({res}, {res})"]
     with tempfile.TemporaryDirectory() as out:
         ns = argparse.Namespace(root="", seed=1, trainer=args.trainer, config_file=config_file,
                                 dataset_config_file="", output_dir=out,
                                 opts=["MODEL.BACKBONE.NAME", args.backbone, "DATALOADER.TRAIN_X.BATCH_SIZE",
-                                      str(args.batch), "DATALOADER.NUM_WORKERS", "0"] + list(args.opts or []))
+                                      str(args.batch), "DATALOADER.NUM_WORKERS", "0"] + size_opts
+                                + list(args.opts or []))
         cfg = build_cfg(ns)
         trainer = TRAINER_REGISTRY.get(args.trainer)(cfg, dataset=BenchDataset(args.classes))
         n_params = trainer.count_trainable_parameters()
@@ -94,12 +101,20 @@ def main(argv=None):
         trainer.set_model_mode("train")
         if hasattr(trainer, "prepare_benchmark"):
             trainer.prepare_benchmark(batch)
+        # A method with nothing to train (zero-shot CLIP) has no training step: time its inference instead.
+        step_kind = "training" if n_params else "inference"
+        if n_params:
+            step_fn = lambda: trainer.forward_backward(batch)  # noqa: E731
+        else:
+            trainer.set_model_mode("eval")
+            trainer.before_test()
+            step_fn = torch.no_grad()(lambda: trainer.model_inference(batch["img"].to(trainer.device)))
         times = []
         for step in range(args.warmup + args.steps):
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             tic = time.perf_counter()
-            trainer.forward_backward(batch)
+            step_fn()
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             if step >= args.warmup:
@@ -108,7 +123,7 @@ def main(argv=None):
         print(f"backbone           {args.backbone} on {trainer.device} ({trainer.precision})")
         print(f"batch / classes    {args.batch} / {args.classes}")
         print(f"trainable params   {n_params:,}")
-        print(f"ms / training step {statistics.median(times):.1f} (median of {len(times)}, "
+        print(f"ms / {step_kind} step {statistics.median(times):.1f} (median of {len(times)}, "
               f"min {min(times):.1f}, max {max(times):.1f}; {args.warmup} warm-up)")
         print(f"peak memory        {peak_memory_mb(trainer.device):.0f} MiB "
               f"({'CUDA allocated' if trainer.device.type == 'cuda' else 'process max RSS'})")
