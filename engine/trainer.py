@@ -8,7 +8,6 @@ evaluation and ``results.json``.
 """
 import contextlib
 import datetime
-import json
 import logging
 import os
 import random
@@ -190,6 +189,17 @@ class TrainerX:
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def forward_backward(self, batch):
+        """Default step: the (logit-adjusted) cross-entropy of ``self.logits(images)``. Methods with extra
+        loss terms or other inputs override this."""
+        images, labels = self.parse_batch_train(batch)
+        with self.autocast():
+            logits = self.logits(images)
+            loss = self.compute_loss(logits, labels)
+        self.model_backward_and_update(loss)
+        return {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+
+    def logits(self, images):
+        """Training logits over the trained classes (used by the default ``forward_backward``)."""
         raise NotImplementedError
 
     def model_inference(self, images):

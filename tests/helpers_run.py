@@ -2,6 +2,12 @@
 import json
 from pathlib import Path
 
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.losses import logit_adjusted_ce
+
 from datasets.synthetic import generate_synthetic_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +57,14 @@ def assert_metrics(metrics, num_classes, num_samples, with_head_tail=True):
         assert metrics["head_acc"] is not None and metrics["tail_acc"] is not None
     else:
         assert metrics["head_acc"] is None and metrics["tail_acc"] is None
+
+
+def assert_step_uses_la_loss(trainer):
+    """One training step of a trainer built with TRAINER.LOSS la: its loss is the LA loss of its logits."""
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
+    with torch.no_grad():
+        logits = trainer.logits(images)
+    out = trainer.forward_backward({"img": images, "label": labels})
+    expected = logit_adjusted_ce(logits, labels, trainer.dataset.train_counts)
+    assert out["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss"] != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)

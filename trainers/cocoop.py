@@ -58,14 +58,6 @@ class CoCoOp(TrainerX):
         text_features = self.prompt_learner.text_features(self.clip, image_features)
         return cosine_logits(image_features, text_features, self.clip.logit_scale)
 
-    def forward_backward(self, batch):
-        images, labels = self.parse_batch_train(batch)
-        with self.autocast():
-            logits = self.logits(images)
-            loss = self.compute_loss(logits, labels)
-        self.model_backward_and_update(loss)
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
-
     def model_inference(self, images):
         # Bound the B*C text batch at test time by splitting the image batch (exact: images are independent).
         per_call = max(1, self.cfg.TRAINER.COCOOP.MAX_TEXT_BATCH // self.num_classes)

@@ -44,15 +44,10 @@ class CoOp(TrainerX):
         self.register_model("prompt_learner", self.prompt_learner, *self.build_optim_sched(self.prompt_learner))
         self.eval_text_features = None
 
-    def forward_backward(self, batch):
-        images, labels = self.parse_batch_train(batch)
-        with self.autocast():
-            with torch.no_grad():
-                image_features = self.clip.encode_image(images)
-            logits = cosine_logits(image_features, self.prompt_learner.text_features(self.clip), self.clip.logit_scale)
-            loss = self.compute_loss(logits, labels)
-        self.model_backward_and_update(loss)
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+    def logits(self, images):
+        with torch.no_grad():
+            image_features = self.clip.encode_image(images)
+        return cosine_logits(image_features, self.prompt_learner.text_features(self.clip), self.clip.logit_scale)
 
     def before_test(self):
         # The prompts are static at test time: one text pass for the whole test set.

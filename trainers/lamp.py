@@ -178,16 +178,21 @@ class LampPrompts(nn.Module):
         return out
 
 
-class _VisionHooks(TowerHooks):
+class _LampHooks(TowerHooks):
+    """Acts only before the LAMP blocks; everything before the first one is prompt-free."""
+
     def __init__(self, owner):
         self.owner = owner
         self.start_layer = owner.layer_ids[0]
 
     def before_block(self, l, x, state):
-        o = self.owner
-        if str(l) not in o.layers:
+        if str(l) not in self.owner.layers:
             return x
-        layer = o.layer(l)
+        return self.prompt(self.owner, self.owner.layer(l), l == self.owner.layer_ids[0], l, x, state)
+
+
+class _VisionHooks(_LampHooks):
+    def prompt(self, o, layer, first, l, x, state):
         idx = None
         if o.cfg.USE_POOL:
             query = o.frozen_queries[l] if o.frozen_queries is not None else x[:, 0]
@@ -195,25 +200,14 @@ class _VisionHooks(TowerHooks):
             o.indices[l] = idx
             o.sim_losses.append(sim)
         prompts = layer.prompts(layer.pool_v, layer.proj_v, idx, x.shape[0])
-        if l == o.layer_ids[0]:
-            return insert_after_first(x, prompts, state)
-        return replace_after_first(x, prompts)
+        return insert_after_first(x, prompts, state) if first else replace_after_first(x, prompts)
 
 
-class _TextHooks(TowerHooks):
+class _TextHooks(_LampHooks):
     """Paired: class sequences are repeated per image (image-major) and get that image's text prompts.
     EOT class-wise: each class sequence retrieves its own entries with its EOT state (C sequences)."""
 
-    def __init__(self, owner):
-        self.owner = owner
-        self.start_layer = owner.layer_ids[0]
-
-    def before_block(self, l, x, state):
-        o = self.owner
-        if str(l) not in o.layers:
-            return x
-        layer = o.layer(l)
-        first = l == o.layer_ids[0]
+    def prompt(self, o, layer, first, l, x, state):
         idx, batch = None, x.shape[0]
         if o.cfg.USE_POOL and o.cfg.TEXT_SELECTION == "paired":
             idx = o.indices[l]                                   # (B, K) from the vision pass

@@ -134,14 +134,6 @@ class MaPLe(TrainerX):
         pl.set_prompts()
         return cosine_logits(pl.image_features(self.clip, images), pl.text_features(self.clip), self.clip.logit_scale)
 
-    def forward_backward(self, batch):
-        images, labels = self.parse_batch_train(batch)
-        with self.autocast():
-            logits = self.logits(images)
-            loss = self.compute_loss(logits, labels)
-        self.model_backward_and_update(loss)
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
-
     def before_test(self):
         # Prompts are static at test time: vision prompts and text features once for the whole test set.
         with torch.no_grad(), self.autocast():

@@ -149,14 +149,6 @@ class MMA(TrainerX):
     def logits(self, images):
         return cosine_logits(self.image_features(images), self.text_features(), self.clip.logit_scale)
 
-    def forward_backward(self, batch):
-        images, labels = self.parse_batch_train(batch)
-        with self.autocast():
-            logits = self.logits(images)
-            loss = self.compute_loss(logits, labels)
-        self.model_backward_and_update(loss)
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
-
     def before_test(self):
         # The text side does not depend on the image: one text pass for the whole test set.
         with torch.no_grad(), self.autocast():
