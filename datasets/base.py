@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass
 
 from engine.config import ConfigError
-from lt_sampling.manifest import atomic_write_text, build_manifest, canonical_json
+from engine.checkpoint import atomic_write_text
+from lt_sampling.manifest import build_manifest, canonical_json
 from lt_sampling.protocol import apply_protocol, cap_splits
 from lt_sampling.sampling import subsample_classes
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from engine.registry import DATASET_REGISTRY
-from lt_sampling.manifest import atomic_write_text
+from engine.checkpoint import atomic_write_text
 
 from .base import DatasetBase
 

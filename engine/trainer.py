@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.checkpoint import atomic_torch_save, atomic_write_json
+from engine.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text
 from engine.clip_loader import load_clip
 from engine.config import ConfigError, dump_cfg
 from engine.data import DataManager
@@ -234,9 +234,7 @@ class TrainerX:
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{CKPT_PREFIX}{epoch}")
             atomic_torch_save(ckpt, path)
-            with open(os.path.join(folder, "checkpoint.tmp"), "w") as f:
-                f.write(f"{CKPT_PREFIX}{epoch}\n")
-            os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint"))
+            atomic_write_text(f"{CKPT_PREFIX}{epoch}\n", os.path.join(folder, "checkpoint"))
             freq = self.cfg.TRAIN.CHECKPOINT_FREQ
             for old in Path(folder).glob(f"{CKPT_PREFIX}*"):
                 old_epoch = int(old.name[len(CKPT_PREFIX):])

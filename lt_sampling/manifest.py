@@ -6,8 +6,9 @@ so the same split gives the same hash wherever the data lives.
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import PurePath
+
+from engine.checkpoint import atomic_write_text
 
 from .sampling import head_tail_groups
 
@@ -69,22 +70,6 @@ def build_manifest(dataset, train, classnames, *, seed, shots, imb_factor, profi
     }
     manifest["hash"] = manifest_hash(manifest)
     return manifest
-
-
-def atomic_write_text(text, path):
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_manifest(manifest, path):
