@@ -6,18 +6,13 @@ import pytest
 import torch
 
 import train
-from tests.helpers_run import assert_metrics, run_eval, run_train, synthetic_root, train_args
+from tests.helpers_run import assert_metrics, run_eval, run_train, train_args
 from tools import bench
 from trainers.candle import Candle
 
 CONFIG = "vit_b16_bs128_lr0.0003_ep50.yaml"
 TEST_PER_CLASS = 20
 FAST = ("OPTIM.MAX_EPOCH", "3", "OPTIM.LR", "0.05", "OPTIM.WARMUP_EPOCH", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "32")
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,11 @@ import torch
 
 import train
 from engine.trainer import TrainerX
-from tests.helpers_run import REPO, assert_metrics, run_eval, run_train, synthetic_root, train_args
+from tests.helpers_run import REPO, assert_metrics, run_eval, run_train, train_args
 from tools import bench
 
 CONFIG = "vit_b16_lt_b2n.yaml"
 FAST = ("OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "8")
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
 
 
 def build(root, tmp_path, *opts, subsample="base"):

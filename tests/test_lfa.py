@@ -10,18 +10,13 @@ import torch.nn.functional as F
 
 import train
 from engine.config import get_cfg_default, merge_from_file
-from tests.helpers_run import REPO, assert_metrics, run_eval, run_train, synthetic_root, train_args
+from tests.helpers_run import REPO, assert_metrics, run_eval, run_train, train_args
 from tools import bench
 from trainers.lfa import LFA, adaptive_reranking_loss, ema_momentum
 
 CONFIG = "vit_b16_b2n_beta0.9.yaml"
 TEST_PER_CLASS = 20
 ITERS = 30
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
 
 
 def build(root, out, *opts, subsample="base"):

@@ -8,7 +8,7 @@ import train
 from engine.clip_loader import load_clip
 from engine.config import ConfigError
 from engine.prompted_clip import PromptedCLIP, TowerHooks
-from tests.helpers_run import assert_step_uses_la_loss, assert_metrics, run_eval, run_train, synthetic_root, train_args
+from tests.helpers_run import assert_step_uses_la_loss, assert_metrics, run_eval, run_train, train_args
 from tools import bench
 from trainers.maple import MaPLePromptLearner
 
@@ -43,11 +43,6 @@ class Recorder(TowerHooks):
 @pytest.fixture(scope="module")
 def tiny():
     return PromptedCLIP(load_clip("tiny"), truncate_text=False)  # full 77-token text sequences
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
 
 
 def encode_recorded(enc, learner, images):

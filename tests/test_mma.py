@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import train
-from engine.clip_loader import load_clip
 from engine.config import ConfigError
-from engine.prompted_clip import PromptedCLIP, TowerHooks
-from tests.helpers_run import assert_step_uses_la_loss, assert_metrics, run_eval, run_train, synthetic_root, train_args
+from engine.prompted_clip import TowerHooks
+from tests.helpers_run import assert_step_uses_la_loss, assert_metrics, run_eval, run_train, train_args
 from tools import bench
 from trainers.common import cosine_logits
 from trainers.mma import MMAdapters
@@ -17,16 +16,6 @@ from trainers.mma import MMAdapters
 CONFIG = "vit_b16_ep5.yaml"
 ALPHA = 0.001
 PROMPTS = ["a photo of a red circle.", "a photo of a blue square.", "a photo of a green triangle."]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return PromptedCLIP(load_clip("tiny"))
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
 
 
 def adapters(enc, alpha=ALPHA, seed=0):

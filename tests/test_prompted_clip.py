@@ -9,11 +9,6 @@ PROMPTS = ["a photo of a dog.", "a photo of a red circle, a type of shape.", "x"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return PromptedCLIP(load_clip("tiny"))
-
-
-@pytest.fixture(scope="module")
 def vitb16():
     return PromptedCLIP(load_clip("ViT-B/16-random"))
 
@@ -195,3 +190,22 @@ def test_loads_an_openai_style_checkpoint_from_a_local_file(tmp_path, monkeypatc
     for key, value in source.state_dict().items():
         got = loaded.state_dict()[key]
         assert torch.equal(got, value) or torch.equal(got, value.half().float()), key
+
+
+def test_resnet_clip_runs_text_methods_and_refuses_vision_hooks():
+    """RN50-style CLIP (ModifiedResNet image tower): the image side runs unhooked, the text side as usual."""
+    from engine.compat import import_clip
+
+    torch.manual_seed(0)
+    model = import_clip().model.CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=32,
+                                     vision_patch_size=None, context_length=77, vocab_size=49408,
+                                     transformer_width=64, transformer_heads=1, transformer_layers=2).float().eval()
+    enc = PromptedCLIP(model)
+    assert not enc.is_vit and enc.vision_width is None
+    images = torch.randn(2, 3, 64, 64)
+    tokens = enc.tokenize(PROMPTS)
+    with torch.no_grad():
+        assert torch.allclose(enc.encode_image(images), model.encode_image(images), atol=1e-5)
+        assert torch.allclose(enc.encode_text(tokens), model.encode_text(tokens), atol=1e-5)
+        with pytest.raises(ValueError, match="need a ViT backbone"):
+            enc.encode_image(images, TowerHooks())

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import train
-from engine.clip_loader import load_clip
 from engine.config import ConfigError, get_cfg_default
 from engine.losses import logit_adjusted_ce
-from engine.prompted_clip import PromptedCLIP, TowerHooks
-from tests.helpers_run import assert_metrics, run_eval, run_train, synthetic_root, train_args
+from engine.prompted_clip import TowerHooks
+from tests.helpers_run import assert_metrics, run_eval, run_train, train_args
 from tools import bench
 from trainers.common import frozen_text_features
 from trainers.coop import CoOpPromptLearner
@@ -41,16 +40,6 @@ class Recorder(TowerHooks):
         x = self.inner.before_block(layer, x, state)
         self.after[layer] = x.detach().clone()
         return x
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return PromptedCLIP(load_clip("tiny"))
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
 
 
 def tcp_cfg(**overrides):

@@ -9,15 +9,10 @@ import train
 import trainers  # noqa: F401  (registers every trainer)
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
-from tests.helpers_run import assert_metrics, run_eval, run_train, synthetic_root, train_args
+from tests.helpers_run import assert_metrics, run_eval, run_train, train_args
 from tools import bench
 
 TEST_PER_CLASS = 20
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return synthetic_root(tmp_path_factory)
 
 
 def test_zeroshot_clip_scores_base_and_new_without_training(root, tmp_path):
