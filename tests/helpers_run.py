@@ -68,3 +68,20 @@ def assert_step_uses_la_loss(trainer):
     expected = logit_adjusted_ce(logits, labels, trainer.dataset.train_counts)
     assert out["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert out["loss"] != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)
+
+
+def run_interrupted(monkeypatch, trainer_cls, crash_epoch, root, out, trainer, config, *opts, **kw):
+    """Start a run that crashes at the start of epoch ``crash_epoch`` (0-indexed), as a killed job would;
+    the caller then reruns the same command to resume."""
+    original = trainer_cls.run_epoch
+
+    def crash(self):
+        if self.epoch == crash_epoch:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(trainer_cls, "run_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(root, out, trainer, config, *opts, **kw)
+    monkeypatch.setattr(trainer_cls, "run_epoch", original)
+    assert not (Path(out) / "results.json").exists()

@@ -8,7 +8,7 @@ import torch
 
 import train
 from engine.trainer import TrainerX
-from tests.helpers_run import REPO, assert_metrics, run_eval, run_train, train_args
+from tests.helpers_run import run_interrupted, REPO, assert_metrics, run_eval, run_train, train_args
 from tools import bench
 
 CONFIG = "vit_b16_lt_b2n.yaml"
@@ -179,17 +179,7 @@ def test_new_test_scores_new_names_and_adapts_a_separate_bias(root, tmp_path):
 def test_resume_continues_with_the_same_bias(root, tmp_path, monkeypatch):
     opts = ("OPTIM.MAX_EPOCH", "3", "DATALOADER.TRAIN_X.BATCH_SIZE", "8")
     full = run_train(root, tmp_path / "full", "LAMP", CONFIG, *opts)
-    original = TrainerX.run_epoch
-
-    def crash(self):
-        if self.epoch == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self)
-
-    monkeypatch.setattr(TrainerX, "run_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(root, tmp_path / "cut", "LAMP", CONFIG, *opts)
-    monkeypatch.setattr(TrainerX, "run_epoch", original)
+    run_interrupted(monkeypatch, TrainerX, 2, root, tmp_path / "cut", "LAMP", CONFIG, *opts)
     resumed = run_train(root, tmp_path / "cut", "LAMP", CONFIG, *opts)
     a = torch.load(tmp_path / "full" / "lamp" / "model.pth.tar-2", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "cut" / "lamp" / "model.pth.tar-2", weights_only=False)["state_dict"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import train
 from engine.config import get_cfg_default, merge_from_file
-from tests.helpers_run import REPO, assert_metrics, run_eval, run_train, train_args
+from tests.helpers_run import run_interrupted, REPO, assert_metrics, run_eval, run_train, train_args
 from tools import bench
 from trainers.lfa import LFA, adaptive_reranking_loss, ema_momentum
 
@@ -104,17 +104,7 @@ def test_end_to_end_base_to_new_writes_every_metric_and_new_test_uses_the_ema(ro
 def test_interrupted_run_resumes_to_the_same_result(root, tmp_path, monkeypatch):
     opts = ("TRAINER.LFA.ITERS", "6", "TRAINER.LFA.FIVE_CROP", "False")  # one view per image: faster
     full = run_train(root, tmp_path / "full", "LFA", CONFIG, *opts)
-    original = LFA.run_epoch
-
-    def crash(self):
-        if self.epoch == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self)
-
-    monkeypatch.setattr(LFA, "run_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(root, tmp_path / "cut", "LFA", CONFIG, *opts)
-    monkeypatch.setattr(LFA, "run_epoch", original)
+    run_interrupted(monkeypatch, LFA, 3, root, tmp_path / "cut", "LFA", CONFIG, *opts)
     resumed = run_train(root, tmp_path / "cut", "LFA", CONFIG, *opts)
     assert "Resuming" in (tmp_path / "cut" / "log.txt").read_text()
     assert resumed["epoch_losses"] == pytest.approx(full["epoch_losses"], rel=1e-5)

@@ -9,7 +9,7 @@ import train
 import trainers  # noqa: F401  (registers every trainer)
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
-from tests.helpers_run import assert_metrics, run_eval, run_train, train_args
+from tests.helpers_run import run_interrupted, assert_metrics, run_eval, run_train, train_args
 from tools import bench
 
 TEST_PER_CLASS = 20
@@ -77,20 +77,8 @@ def test_la_loss_changes_training(root, tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(root, tmp_path, monkeypatch):
     opts = ("OPTIM.MAX_EPOCH", "3", "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "OPTIM.LR", "0.02")
     full = run_train(root, tmp_path / "full", "CoOp", "vit_b16_ep50_ctxv1.yaml", *opts)
-
-    original = TrainerX.run_epoch
-
-    def crash_in_third_epoch(self):
-        if self.epoch == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self)
-
-    monkeypatch.setattr(TrainerX, "run_epoch", crash_in_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(root, tmp_path / "cut", "CoOp", "vit_b16_ep50_ctxv1.yaml", *opts)
-    assert not (tmp_path / "cut" / "results.json").exists()
+    run_interrupted(monkeypatch, TrainerX, 2, root, tmp_path / "cut", "CoOp", "vit_b16_ep50_ctxv1.yaml", *opts)
     assert (tmp_path / "cut" / "prompt_learner" / "model.pth.tar-1").is_file()
-    monkeypatch.setattr(TrainerX, "run_epoch", original)
     resumed = run_train(root, tmp_path / "cut", "CoOp", "vit_b16_ep50_ctxv1.yaml", *opts)
     assert "Resuming" in (tmp_path / "cut" / "log.txt").read_text()
     assert resumed["epoch_losses"] == full["epoch_losses"]
