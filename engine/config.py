@@ -15,6 +15,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from engine.checkpoint import atomic_write_text
+from engine.cli import UserError
 
 # Choices shared with engine/optim.py (kept here so that this module does not need torch).
 OPTIMIZERS = ("sgd", "adam", "adamw", "amsgrad", "rmsprop", "radam")
@@ -27,7 +28,7 @@ LOSSES = ("ce", "la")
 _CONFIG_EXTENSIONS = []
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, command-line option or value that cannot be used."""
 
 

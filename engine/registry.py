@@ -1,7 +1,8 @@
 """Name -> class registries (Dassl style): ``@TRAINER_REGISTRY.register()`` on a class registers it under its name."""
+from engine.cli import UserError
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     def __str__(self):
         return str(self.args[0]) if self.args else ""
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine.cli import UserError
 from engine.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text
 from engine.clip_loader import load_clip
 from engine.config import ConfigError, dump_cfg
@@ -35,7 +36,7 @@ CKPT_PREFIX = "model.pth.tar-"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run cannot start as requested (finished run present, no checkpoint for --eval-only, ...)."""
 
 

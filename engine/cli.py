@@ -1,0 +1,52 @@
+"""One convention for every command-line entry point: expected errors are one line on stderr and exit code 2.
+
+    from engine.cli import run_cli
+    if __name__ == "__main__":
+        run_cli(main)          # main(argv) -> int
+
+Expected errors are ``UserError`` (ConfigError, RunError, RegistryError and friends derive from it), OS
+errors (missing file, permission, full disk, a folder where a file is expected) and value errors (JSON that
+does not parse, a number out of range). Anything else is a bug and keeps its traceback. ``--debug`` on the
+command line or ``LTPL_DEBUG=1`` in the environment re-raises expected errors too, with their traceback.
+"""
+import os
+import sys
+
+DEBUG_ENV = "LTPL_DEBUG"
+
+
+class UserError(Exception):
+    """An input the user can fix (config, data, checkpoint, path, value)."""
+
+
+EXPECTED_ERRORS = (UserError, OSError, ValueError)
+
+
+def debug_requested(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def one_line(err):
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return " ".join(text.split())
+
+
+def run_cli(main, argv=None):
+    """Call ``main(argv)`` (``--debug`` removed) and exit with its code; expected errors -> one line, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        code = main(argv)
+    except EXPECTED_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {one_line(err)}  (rerun with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
