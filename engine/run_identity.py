@@ -16,7 +16,7 @@ def _clean(value):
 
 
 def variant_tag(opts):
-    """``['TRAINER.LAMP.BETA', '0.5', 'OPTIM.MAX_EPOCH', '5']`` -> ``'_beta0.5_max_epoch5'``; ``[]`` -> ``''``.
+    """``['TRAINER.LAMP.BETA', '0.5', 'OPTIM.MAX_EPOCH', '5']`` -> ``'_max_epoch5_beta0.5'``; ``[]`` -> ``''``.
 
     Pairs are sorted by key; a key is shortened to its last component unless two keys share it. Tags
     longer than MAX_TAG_CHARS are cut and end in a hash of the whole opts list, so they stay unique.
