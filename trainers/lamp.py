@@ -322,10 +322,11 @@ class LAMP(TrainerX):
         logits = cosine_logits(image_features, text_features, self.clip.logit_scale)
         return logits, self.similarity_loss()
 
-    def images_per_micro_batch(self, batch):
+    def images_per_micro_batch(self, batch, num_classes=None):
         """Images per backward pass so that at most MAX_TEXT_SEQS_WITH_GRAD text sequences keep activations."""
         c = self.lamp.cfg
-        per_image = len(self.train_tokens) if c.USE_POOL and c.TEXT_SELECTION == "paired" else 0
+        num_classes = len(self.train_tokens) if num_classes is None else num_classes
+        per_image = num_classes if c.USE_POOL and c.TEXT_SELECTION == "paired" else 0
         if per_image == 0:
             return batch
         return max(1, min(batch, c.MAX_TEXT_SEQS_WITH_GRAD // per_image))
