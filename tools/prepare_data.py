@@ -313,7 +313,16 @@ def list_members(path):
                 out.append((info, rel, info.file_size, info.is_dir()))
         return out
     with tarfile.open(path, "r:*") as tf:
-        for m in tf.getmembers():
+        members = tf.getmembers()
+        # tarfile stops quietly at a damaged header: read the (decompressed) stream to its end, which
+        # raises on a truncated or damaged gzip/bz2/xz layer, and check that every member's data is there
+        while tf.fileobj.read(1 << 20):
+            pass
+        end = tf.fileobj.tell()
+        for m in members:
+            if m.isfile() and m.offset_data + m.size > end:
+                raise tarfile.ReadError(f"member {m.name!r} is cut off (archive truncated)")
+        for m in members:
             rel = _check_name(m.name, archive)
             if m.issym() or m.islnk():
                 raise PrepareError(f"refusing archive {archive}: member {m.name!r} is a link (to {m.linkname!r})")
@@ -435,7 +444,7 @@ def expected_tree(folder, doc=DATASETS_DOC):
 
 
 class Preparer:
-    def __init__(self, root, sources, mirror=None, retries=3, quiet=False, out=sys.stdout):
+    def __init__(self, root, sources, mirror=None, retries=3, quiet=False, out=None):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.sources = by_dataset(sources)
         self.mirror = read_mirror() if mirror is None else mirror
@@ -444,7 +453,7 @@ class Preparer:
         self.out = out
 
     def say(self, text):
-        print(text, file=self.out, flush=True)
+        print(text, file=self.out or sys.stdout, flush=True)
 
     def path(self, rel):
         return os.path.join(self.root, *PurePosixPath(rel).parts)
@@ -472,6 +481,14 @@ class Preparer:
             self.say(f"{src.dataset}: no SHA-256 shipped for {src.file}; recorded {sha} in {STATE_FILE} "
                      "(later runs check the file against it)")
         return {"url": src.url, "size": size, "sha256": sha, "sha256_source": source}
+
+    def row_in_place(self, src, state):
+        """Whether a row's file (copy) or archive contents (extract) are there, without reading them."""
+        if src.action == "copy":
+            return os.path.isfile(self.path(src.dest))
+        if src.provides:
+            return os.path.exists(os.path.join(self.path(src.dest), src.provides))
+        return state["files"].get(src.key, {}).get("done") == "extracted"
 
     def is_in_place(self, src, state):
         """True when the row needs no download (checking a copied file's checksum on the way)."""
@@ -611,12 +628,12 @@ class Preparer:
                 unknown += 1
         staging = os.path.join(self.root, DOWNLOAD_DIR, name)
         present = os.path.isdir(folder) or os.path.isdir(staging)
-        recorded_ok = state.get("check") == "ready" and all(
-            os.path.exists(self.path(s.dest)) for s in rows)
-        if recorded_ok or (os.path.isdir(folder) and check(self.root, info.registered, out=io.StringIO()) == 0):
-            status = "ready"
-        elif self.manual_missing(rows):
+        files_in_place = all(self.row_in_place(s, state) for s in rows if s.action != "manual")
+        if self.manual_missing(rows):
             status = "manual"
+        elif files_in_place and (state.get("check") == "ready"
+                                 or check(self.root, info.registered, out=io.StringIO()) == 0):
+            status = "ready"
         else:
             status = "partial" if present else "missing"
         return status, known, unknown
@@ -625,7 +642,7 @@ class Preparer:
 # --------------------------------------------------------------------------------------------------
 # CLIP weights
 
-def prepare_weights(name, mirror=None, out=sys.stdout):
+def prepare_weights(name, mirror=None, out=None):
     """Download the OpenAI checkpoint ``name`` with the clip package's downloader (its SHA-256 check) into
     the first folder engine.clip_loader searches; return its path (or where it already is)."""
     import urllib.error
@@ -633,6 +650,7 @@ def prepare_weights(name, mirror=None, out=sys.stdout):
     from engine.clip_loader import default_weight_dirs, resolve_weights_path
     from engine.compat import import_clip
 
+    out = out or sys.stdout
     clip = import_clip()
     models = clip.clip._MODELS
     if name not in models:
