@@ -509,8 +509,10 @@ def test_corrupt_archive_is_refused_and_nothing_is_extracted(server, tmp_path, m
     root = tmp_path / "data"
     with pytest.raises(pd.PrepareError, match=r"fgvc-aircraft-2013b\.tar\.gz.*is corrupt.*rerun to fetch it again"):
         run(["--root", str(root), "fgvc_aircraft", "--quiet"])
-    leftovers = [p for p in root.rglob("*") if p.is_file()]
-    assert leftovers == []
+    leftovers = [p.name for p in root.rglob("*") if p.is_file()]
+    assert leftovers == [".prepared.json"] and not (root / "fgvc_aircraft" / "images").exists()
+    state = json.loads((root / "fgvc_aircraft" / ".prepared.json").read_text())
+    assert state["files"] == {}  # the corrupt file's checksum is not kept to judge the next download
 
 
 def test_existing_files_are_never_overwritten(server, tmp_path, monkeypatch):
@@ -523,7 +525,30 @@ def test_existing_files_are_never_overwritten(server, tmp_path, monkeypatch):
         run(["--root", str(root), "fgvc_aircraft", "--quiet"])
     assert (root / "fgvc_aircraft" / "variants.txt").read_text() == "mine\n"
     assert not (root / "fgvc_aircraft" / "images").exists()
-    assert [p.name for p in (root / "fgvc_aircraft").iterdir()] == ["variants.txt"]  # no temp folder left
+    assert sorted(p.name for p in (root / "fgvc_aircraft").iterdir()) == [".prepared.json", "variants.txt"]  # no temp folder
+
+
+def test_interrupted_extraction_is_redone(server, tmp_path, monkeypatch):
+    local = server.serve("interrupt/a.tar.gz", fgvc_archive())
+    set_mirror(monkeypatch, tmp_path, {row("fgvc_aircraft", "fgvc-aircraft-2013b.tar.gz").url: local})
+    root = tmp_path / "data"
+    original = pd._move_in
+
+    def killed_after_first_entry(src_dir, dst_dir):
+        first = sorted(os.listdir(src_dir))[0]  # "images": what the table says the archive provides
+        os.rename(os.path.join(src_dir, first), os.path.join(dst_dir, first))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd, "_move_in", killed_after_first_entry)
+    with pytest.raises(KeyboardInterrupt):
+        run(["--root", str(root), "fgvc_aircraft", "--quiet"])
+    assert (root / "fgvc_aircraft" / "images").is_dir() and not (root / "fgvc_aircraft" / "variants.txt").exists()
+    monkeypatch.setattr(pd, "_move_in", original)
+    requests = len(server.log)
+    rc, _ = run(["--root", str(root), "fgvc_aircraft", "--quiet"])
+    assert rc == 0 and len(server.log) == requests  # the kept archive is extracted again, not downloaded
+    assert check(str(root), "FGVCAircraft", out=io.StringIO()) == 0
+    assert not (root / ".downloads").exists() and not list((root / "fgvc_aircraft").glob(".extract-*"))
 
 
 def test_drive_quota_page_is_refused(server, tmp_path, monkeypatch):

@@ -180,13 +180,17 @@ def human(n):
         n /= 1000
 
 
-def file_digest(path):
-    """(size, sha256 hex) of a file."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
+def file_digest(path, progress=False):
+    """(size, sha256 hex) of a file (with a progress bar for large files when ``progress``)."""
+    from tqdm import tqdm
+
+    h, size, total = hashlib.sha256(), 0, os.path.getsize(path)
+    with open(path, "rb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=f"sha256 {os.path.basename(path)}",
+                                     disable=not progress or total < (64 << 20)) as bar:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
             size += len(block)
+            bar.update(len(block))
     return size, h.hexdigest()
 
 
@@ -467,7 +471,7 @@ class Preparer:
 
     def verify(self, src, path, state, origin):
         """Size and SHA-256 of ``path`` checked against the table / the recorded value; returns the record."""
-        size, sha = file_digest(path)
+        size, sha = file_digest(path, progress=not self.quiet)
         want, source = self.expected_sha(src, state)
         if want and sha != want:
             label = "shipped in configs/data_sources.tsv" if source == "repo" else f"recorded in {STATE_FILE}"
@@ -486,9 +490,10 @@ class Preparer:
         """Whether a row's file (copy) or archive contents (extract) are there, without reading them."""
         if src.action == "copy":
             return os.path.isfile(self.path(src.dest))
-        if src.provides:
-            return os.path.exists(os.path.join(self.path(src.dest), src.provides))
-        return state["files"].get(src.key, {}).get("done") == "extracted"
+        done = state["files"].get(src.key, {}).get("done")
+        if done in ("extracted", "extracting"):
+            return done == "extracted"
+        return bool(src.provides) and os.path.exists(os.path.join(self.path(src.dest), src.provides))
 
     def is_in_place(self, src, state):
         """True when the row needs no download (checking a copied file's checksum on the way)."""
@@ -504,8 +509,8 @@ class Preparer:
                 self.verify(src, path, state, origin)
             return True
         rec = state["files"].get(src.key, {})
-        if rec.get("done") == "extracted":
-            return True
+        if rec.get("done") in ("extracted", "extracting"):  # "extracting": interrupted, extract again
+            return rec["done"] == "extracted"
         if src.provides and os.path.exists(os.path.join(self.path(src.dest), src.provides)):
             state["files"][src.key] = {"url": src.url, "done": "found in place"}
             return True
@@ -528,18 +533,23 @@ class Preparer:
                 os.replace(target, dest)
                 rec["done"] = "copied"
             else:
+                state["files"][src.key] = dict(rec, done="extracting")  # an interrupted move-in is redone
+                save_state(folder, state)
                 try:
                     safe_extract(target, self.path(src.dest), src, self.quiet)
                 except PrepareError as err:
                     if "corrupt" in str(err) or "refusing" in str(err):
                         os.remove(target)
+                        del state["files"][src.key]  # its recorded checksum must not bind the next download
+                        save_state(folder, state)
                         raise PrepareError(f"{err}; deleted the download (rerun to fetch it again)") from None
                     raise
-                os.remove(target)
                 rec["done"] = "extracted"
             rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             state["files"][src.key] = rec
             save_state(folder, state)
+            if os.path.exists(target):  # the archive, once its contents are in place
+                os.remove(target)
         finally:
             for d in (staging, os.path.dirname(staging)):
                 if os.path.isdir(d) and not os.listdir(d):
