@@ -14,7 +14,6 @@ import threading
 import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -318,7 +317,7 @@ def test_list_reports_states(prepared, tmp_path, capsys):
     (root / "imagenet-sketch" / "images" / "n01440764" / "a.JPEG").write_bytes(jpeg(1))  # class names missing
     rc, cap = run(["--root", str(root), "--list"], capsys)
     assert rc == 0
-    states = {m.group(1): m.group(2) for m in re.finditer(r"^  (\w+)\s+(ready|partial|missing|manual)\s", cap.out, re.M)}
+    states = dict(re.findall(r"^  (\w+)\s+(ready|partial|missing|manual)\s", cap.out, re.M))
     assert states["fgvc_aircraft"] == "ready" and states["oxford_flowers"] == "ready"
     assert states["caltech101"] == "partial" and states["imagenet_sketch"] == "partial"
     assert states["dtd"] == "missing" and states["imagenet"] == "manual" and states["imagenet_a"] == "manual"
@@ -525,7 +524,8 @@ def test_existing_files_are_never_overwritten(server, tmp_path, monkeypatch):
         run(["--root", str(root), "fgvc_aircraft", "--quiet"])
     assert (root / "fgvc_aircraft" / "variants.txt").read_text() == "mine\n"
     assert not (root / "fgvc_aircraft" / "images").exists()
-    assert sorted(p.name for p in (root / "fgvc_aircraft").iterdir()) == [".prepared.json", "variants.txt"]  # no temp folder
+    # no temporary extraction folder left
+    assert sorted(p.name for p in (root / "fgvc_aircraft").iterdir()) == [".prepared.json", "variants.txt"]
 
 
 def test_interrupted_extraction_is_redone(server, tmp_path, monkeypatch):
@@ -589,7 +589,7 @@ def test_full_disk_is_reported_before_the_transfer(server, tmp_path, monkeypatch
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(pd.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
     root = imagenet_names_row(server, tmp_path, monkeypatch, big_names(), path="disk/classnames.txt")
-    with pytest.raises(pd.PrepareError, match=r"classnames\.txt from .*disk/classnames\.txt failed: .*not enough free space"):
+    with pytest.raises(pd.PrepareError, match=r"classnames\.txt from .*disk/classnames\.txt failed: .*not enough free"):
         run(["--root", str(root), "imagenet", "--quiet"])
     assert not (root / "imagenet" / "classnames.txt").exists()
 
@@ -602,6 +602,7 @@ def test_manual_dataset_prints_steps_then_verifies(server, tmp_path, monkeypatch
     root = imagenet_names_row(server, tmp_path, monkeypatch, names, path="manual/classnames.txt")
     rc, cap = run(["--root", str(root), "imagenet", "--quiet"], capsys)
     assert rc == 1 and "[imagenet] waiting for the manual steps" in cap.out
+    assert "Downloading" not in cap.err and "%|" not in cap.err  # --quiet: no gdown messages or bars
     assert "imagenet: manual steps needed" in cap.out and "https://image-net.org/index.php" in cap.out
     assert "train/<wnid>/*.JPEG" in cap.out and "imagenet-sketch" not in cap.out  # its part of the tree only
     for split in ("train", "val"):  # the user places the images
@@ -624,6 +625,13 @@ def test_sources_option_reads_another_table_with_plain_urls(server, tmp_path, ca
     assert "Downloading" in cap.err  # gdown's progress output without --quiet
     assert rc == 1  # the image folder is missing: tools.check_data fails
     assert "imagenetv2-matched-frequency-format-val" in cap.out
+
+
+def test_root_defaults_to_the_DATA_variable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATA", str(tmp_path / "from_env"))
+    rc, cap = run(["--list", "dtd"], capsys)
+    assert rc == 0 and f"datasets under {tmp_path / 'from_env'}:" in cap.out
+    assert re.search(r"^  dtd\s+missing\s", cap.out, re.M) and "caltech101" not in cap.out
 
 
 def test_shell_wrapper_and_unknown_dataset(tmp_path):

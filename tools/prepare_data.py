@@ -469,7 +469,7 @@ class Preparer:
         rec = state["files"].get(src.key, {})
         return rec.get("sha256", ""), rec.get("sha256_source", "")
 
-    def verify(self, src, path, state, origin):
+    def verify(self, src, path, state, origin, record_as="recorded on first download"):
         """Size and SHA-256 of ``path`` checked against the table / the recorded value; returns the record."""
         size, sha = file_digest(path, progress=not self.quiet)
         want, source = self.expected_sha(src, state)
@@ -481,7 +481,7 @@ class Preparer:
             raise PrepareError(f"{src.dataset}: {src.file} (from {src.url}) has {size} bytes, expected "
                                f"{src.size}; {origin}")
         if not want:
-            source = "recorded on first download"
+            source = record_as
             self.say(f"{src.dataset}: no SHA-256 shipped for {src.file}; recorded {sha} in {STATE_FILE} "
                      "(later runs check the file against it)")
         return {"url": src.url, "size": size, "sha256": sha, "sha256_source": source}
@@ -503,7 +503,7 @@ class Preparer:
                 return False
             origin = ("it is the file already in place: delete it to download it again")
             if src.key not in state["files"] or not state["files"][src.key].get("sha256"):
-                rec = self.verify(src, path, state, origin)
+                rec = self.verify(src, path, state, origin, record_as="recorded from the file found in place")
                 state["files"][src.key] = dict(rec, done="found in place")
             else:
                 self.verify(src, path, state, origin)
@@ -734,7 +734,8 @@ def main(argv=None):
         epilog=f"Mirrors / tests: {MIRROR_ENV}=FILE with lines 'ORIGINAL<TAB>URL'. See docs/DATASETS.md.")
     parser.add_argument("datasets", nargs="*", metavar="DATASET",
                         help="dataset config names (configs/datasets/*.yaml), or 'all'")
-    parser.add_argument("--root", default=default_root(), help="the datasets folder $DATA (default: $DATA or <repo>/data)")
+    parser.add_argument("--root", default=default_root(),
+                        help="the datasets folder $DATA (default: $DATA or <repo>/data)")
     parser.add_argument("--list", action="store_true", help="show every dataset's state and download size")
     parser.add_argument("--weights", action="append", default=[], metavar="MODEL",
                         help="also download these OpenAI CLIP checkpoints, e.g. ViT-B/16 (repeatable)")
