@@ -216,6 +216,7 @@ def test_sources_table_matches_dataset_layout_and_shared_facts():
         for src in rows:  # every destination lies inside the dataset folder the loader reads
             assert src.dest == info.folder or src.dest.startswith(info.folder + "/"), src
             assert src.drive_id or not src.url.startswith("https://drive.google.com"), src
+        assert pd.expected_tree(info.folder), f"{info.folder}/ is not in docs/DATASETS.md's expected tree"
         if cls.split_file:  # the CoOp split file is fetched to exactly where the loader looks for it
             assert any(s.action == "copy" and s.dest == f"{info.folder}/{cls.split_file}" for s in rows), name
     caltech = row("caltech101", "split_zhou_Caltech101.json")
@@ -242,6 +243,10 @@ def test_bad_tables_and_mirrors_are_refused(tmp_path):
         pd.read_sources(bad)
     bad.write_text(text.replace("caltech-101/split_zhou_Caltech101.json", "../split.json", 1))
     with pytest.raises(ValueError, match="must be a relative path"):
+        pd.read_sources(bad)
+    lines = text.splitlines(keepends=True)
+    bad.write_text("".join(lines) + next(line for line in lines if line.startswith("dtd\t")))
+    with pytest.raises(ValueError, match="dtd lists 'dtd-r1.0.1.tar.gz' twice"):
         pd.read_sources(bad)
     mirror = tmp_path / "m.tsv"
     mirror.write_text("only-one-column\n")

@@ -118,6 +118,8 @@ def read_sources(path=SOURCES_FILE):
             if values["size"] and not values["size"].isdigit():
                 raise ValueError(f"{where}: size {values['size']!r} is not a number of bytes")
             values["size"] = int(values["size"]) if values["size"] else None
+            if any(r.dataset == values["dataset"] and r.file == values["file"] for r in rows):
+                raise ValueError(f"{where}: {values['dataset']} lists {values['file']!r} twice")
             rows.append(Source(**values))
     if header is None:
         raise ValueError(f"{path}: no header line")
