@@ -556,6 +556,21 @@ def test_interrupted_extraction_is_redone(server, tmp_path, monkeypatch):
     assert not (root / ".downloads").exists() and not list((root / "fgvc_aircraft").glob(".extract-*"))
 
 
+def test_one_failing_dataset_does_not_stop_the_others(server, tmp_path, monkeypatch, capsys):
+    names = b"n01440764 tench\n"
+    set_mirror(monkeypatch, tmp_path, {
+        row("oxford_pets", "images.tar.gz").url: server.url("gone/images.tar.gz"),        # 404
+        row("imagenet_a", "classnames.txt").drive_id: server.serve("ok/classnames.txt", names),
+        row("dtd", "dtd-r1.0.1.tar.gz").url: server.url("gone/dtd.tar.gz")})              # 404
+    root = tmp_path / "data"
+    with pytest.raises(pd.PrepareError, match="2 datasets could not be prepared: oxford_pets, dtd"):
+        run(["--root", str(root), "oxford_pets", "imagenet_a", "dtd", "--quiet"])
+    out = capsys.readouterr().out
+    assert re.search(r"\[oxford_pets\] ERROR: .*images\.tar\.gz from .*gone/images\.tar\.gz failed: 404", out)
+    assert "[imagenet_a] waiting for the manual steps" in out and "[dtd] ERROR: " in out
+    assert (root / "imagenet-adversarial" / "classnames.txt").read_bytes() == names
+
+
 def test_drive_quota_page_is_refused(server, tmp_path, monkeypatch):
     page = (b"<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head><body>"
             b"Too many users have viewed or downloaded this file recently.</body></html>")

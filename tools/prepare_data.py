@@ -604,7 +604,7 @@ class Preparer:
             self.say(f"  expected tree under {self.root}:")
             for line in tree:
                 self.say(f"    {line}")
-        self.say(f"  then run this command again to verify.")
+        self.say("  then run this command again to verify.")
 
     def check(self, info):
         """tools.check_data's check; returns "ready" or "failed" (its report is printed when it fails)."""
@@ -762,11 +762,22 @@ def main(argv=None):
         return 0
     for model in args.weights:
         prepare_weights(model, prep.mirror)
-    verdicts = {name: prep.prepare(name) for name in names}
+    verdicts, errors = {}, {}
+    for name in names:  # one dataset's failure does not stop the others
+        try:
+            verdicts[name] = prep.prepare(name)
+        except PrepareError as err:
+            verdicts[name], errors[name] = "error", err
     for name, verdict in verdicts.items():
         text = {"ready": "ready (tools.check_data: OK)", "manual": "waiting for the manual steps above",
-                "failed": "FAILED: tools.check_data found problems (see above)"}[verdict]
+                "failed": "FAILED: tools.check_data found problems (see above)",
+                "error": f"ERROR: {errors.get(name)}"}[verdict]
         print(f"[{name}] {text}")
+    if len(errors) == 1:
+        raise next(iter(errors.values()))
+    if errors:
+        raise PrepareError(f"{len(errors)} datasets could not be prepared: {', '.join(errors)} (see the ERROR "
+                           "lines above); rerun to resume")
     return 0 if all(v == "ready" for v in verdicts.values()) else 1
 
 
