@@ -209,7 +209,7 @@ def main(argv=None):
             trainer.set_model_mode("eval")
             trainer.before_test()
             step_fn = torch.no_grad()(lambda: trainer.model_inference(batch["img"].to(trainer.device)))
-        times = []
+        times, cpu_times = [], []
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 resident = current_memory_mb(trainer.device)
@@ -217,24 +217,28 @@ def main(argv=None):
                     torch.cuda.reset_peak_memory_stats()
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
-            tic = time.perf_counter()
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             step_fn()
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             if step >= args.warmup:
                 times.append((time.perf_counter() - tic) * 1000)
+                cpu_times.append((time.process_time() - cpu_tic) * 1000)
         peak = peak_memory_mb(trainer.device)
         figures = {"trainer": args.trainer, "config": os.path.basename(config_file), "backbone": args.backbone,
                    "device": str(trainer.device), "precision": trainer.precision, "batch": args.batch,
                    "classes": args.classes, "opts": list(args.opts or []), "trainable_params": n_params,
                    "step_kind": step_kind, "ms_per_step": statistics.median(times), "ms_min": min(times),
-                   "ms_max": max(times), "peak_mb": peak, "resident_mb": resident}
+                   "ms_max": max(times), "cpu_ms_per_step": statistics.median(cpu_times), "peak_mb": peak,
+                   "resident_mb": resident, "threads": torch.get_num_threads()}
         print(f"trainer            {args.trainer} ({os.path.basename(config_file) or 'registered defaults'})")
         print(f"backbone           {args.backbone} on {trainer.device} ({trainer.precision})")
         print(f"batch / classes    {args.batch} / {args.classes}")
         print(f"trainable params   {n_params:,}")
         print(f"ms / {step_kind} step {statistics.median(times):.1f} (median of {len(times)}, "
               f"min {min(times):.1f}, max {max(times):.1f}; {args.warmup} warm-up)")
+        print(f"CPU ms / step      {statistics.median(cpu_times):.1f} (process CPU time over {torch.get_num_threads()} "
+              f"threads; steadier than wall time on a shared machine)")
         kind = "CUDA allocated" if trainer.device.type == "cuda" else "process RSS"
         print(f"peak memory        {peak:.0f} MiB ({kind}); resident before the steps {resident:.0f} MiB; "
               f"activation (peak - resident) {peak - resident:.0f} MiB")
