@@ -152,3 +152,21 @@ def test_one_test_pass_computes_each_text_prefix_once(root, tmp_path, monkeypatc
         for seed in range(3):
             t.model_inference(batch(4, seed)["img"])
     assert len(computed) == t.num_classes  # once per chunk, never again for later batches
+
+
+# ---- benchmark ------------------------------------------------------------------------------------
+
+def test_bench_reports_sequences_activation_bytes_and_an_estimate(tmp_path, capsys):
+    from tools import bench
+    out = tmp_path / "bench.json"
+    assert bench.main(["--trainer", "LAMP", "--backbone", "tiny", "--batch", "2", "--classes", "6", "--steps", "1",
+                       "--warmup", "0", "--estimate-for", "32x1000", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    import json
+    fig = json.loads(out.read_text())
+    assert fig["text_seqs_per_step"] == 2 * 6  # per-image text: B x C sequences
+    assert fig["activation_bytes_per_seq"] > 0 and fig["activation_bytes_per_image"] > 0
+    assert fig["estimate_images_per_backward"] == 8  # MAX_TEXT_SEQS_WITH_GRAD 8192 // 1000 classes
+    assert "estimated peak for B=32, C=1000" in text
+    seqs_part = 8 * 1000 * fig["activation_bytes_per_seq"]
+    assert fig["estimated_peak_bytes"] > seqs_part  # plus the model, trainable state and per-image part
