@@ -16,7 +16,7 @@ from tools.tables.spec import Spec, SpecError, build_spec, load_spec  # noqa: F4
 
 
 def launch(plan, **kw):
-    from tools.tables.launch import launch as _launch
+    from tools.tables.launcher import launch as _launch
     return _launch(plan, **kw)
 
 
