@@ -42,6 +42,8 @@ def parse_args(argv):
     p.add_argument("--no-wait", action="store_true", help="slurm: return after submitting (render later with --collect-only)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the spec's seeds")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--efficiency-dataset", default=None, help="table5: dataset to time (default: the spec's, eurosat)")
+    p.add_argument("--cpu-shots", type=int, default=4, help="table5 without a GPU: training images per class (subset)")
     p.add_argument("--quiet", action="store_true", help="--dry-run: totals only, no run list")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="KEY VALUE opts for every run (part of every run folder's name); must come last")
@@ -76,7 +78,7 @@ def dry_run(plan, step_times_path=None, quiet=False, out=print):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.spec in ("table5", "efficiency") or Path(args.spec).stem == "table5":
+    if Path(args.spec).stem == "table5":
         from tools.tables.efficiency import main as eff_main
         return eff_main(args)
     from tools.tables import build_plan, collect, launch, load_spec, render_all
