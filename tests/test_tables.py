@@ -307,3 +307,38 @@ def test_locked_run_is_not_started_twice_and_failures_do_not_stop_others(tmp_pat
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
     assert not lock_held(str(locked))
+
+
+def test_sweep_and_expert_load_plots(tmp_path):
+    from PIL import Image
+    from tools.tables.plots import plot_all
+    spec = load_spec({"name": "fig", "regime": "lt_b2n", "settings": [10], "seeds": [1, 2], "datasets": ["imagenet"],
+                      "methods": [{"label": "(a)", "trainer": "LAMP", "config": "vit_b16_lt_b2n",
+                                   "sweep": [{"name": "K", "key": "TRAINER.LAMP.TOP_K", "values": [2, 6]},
+                                             {"name": "S", "key": "TRAINER.LAMP.SHARED_TOKENS", "values": [1, 2]}]},
+                                  {"label": "(b)", "trainer": "LAMP", "config": "vit_b16_lt_b2n",
+                                   "sweep": [{"name": "D", "key": "TRAINER.LAMP.PROMPT_DIM", "values": [16, 32, 64]}]}],
+                      "layout": {"metrics": ["hm_acc", "hm_f1"], "average": "none"}, "plot": {"kind": "sweep"}})
+    plan = build_plan(spec, tmp_path)
+    assert len(spec.rows) == 4 + 3 and len(plan.units) == 7 * 2
+    diag = {str(l): {"min": 0.02, "max": 0.1, "entropy": 2.9, "max_entropy": 2.995732, "bias_min": -1e-3,
+                     "bias_max": 1e-3} for l in range(3, 13)}
+    for i, u in enumerate(plan.units):
+        _write_result(u.steps[0].folder, "base", 50 + i, 40 + i, u.seed, head=60, tail=45)
+        _write_result(u.steps[1].folder, "new", 55 + i, 45, u.seed)
+        rec = json.loads(Path(u.steps[0].folder, "results.json").read_text())
+        rec["load_diagnostics"] = diag
+        Path(u.steps[0].folder, "results.json").write_text(json.dumps(rec))
+    paths = plot_all(plan, collect(plan), tmp_path / "plots")
+    names = sorted(p.name for p in paths)
+    assert "fig.png" in names and "fig.pdf" in names and "fig_head_tail.png" in names
+    assert sum(n.startswith("fig_load_10_") and n.endswith(".png") for n in names) == 7   # one per LAMP row
+    assert Image.open(tmp_path / "plots/fig.png").size == (1000, 400)
+    assert Image.open(tmp_path / "plots/fig_head_tail.png").size == (1000, 400)
+    load_png = next(p for p in paths if p.name.startswith("fig_load_") and p.suffix == ".png")
+    assert Image.open(load_png).size == (400, 400)
+    for p in paths:
+        img = Image.open(p) if p.suffix == ".png" else None
+        assert p.stat().st_size > 1000
+        if img is not None:
+            assert img.convert("L").getextrema()[0] < img.convert("L").getextrema()[1]   # not a blank image

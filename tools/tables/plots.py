@@ -151,6 +151,7 @@ def plot_expert_load(plan, out_dir):
 
 def plot_all(plan, cells, out_dir):
     spec = plan.spec
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     kind = spec.plot.get("kind", "none")
     paths = []
     if kind == "bars":
