@@ -342,3 +342,48 @@ def test_sweep_and_expert_load_plots(tmp_path):
         assert p.stat().st_size > 1000
         if img is not None:
             assert img.convert("L").getextrema()[0] < img.convert("L").getextrema()[1]   # not a blank image
+
+
+def test_cli_collect_only_and_seed_override(tmp_path, capsys):
+    from tools.tables.__main__ import main
+    spec_path = tmp_path / "mini.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "mini", "regime": "lt_b2n", "settings": [10], "seeds": [1, 2, 3], "datasets": ["dtd"],
+        "methods": [{"label": "CoOp", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"}],
+        "layout": {"metrics": ["hm_acc"], "average": "last", "average_label": "Mean of all"}}))
+    plan = build_plan(load_spec(spec_path, {"seeds": [1]}), tmp_path / "out")
+    assert len(plan.units) == 1
+    _write_result(plan.units[0].steps[0].folder, "base", 80, 70, 1)
+    _write_result(plan.units[0].steps[1].folder, "new", 60, 50, 1)
+    assert main([str(spec_path), "--collect-only", "--seeds", "1", "--no-plots", "--output", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out/tables/mini/mini.md").read_text()
+    assert not (tmp_path / "out/tables/mini/launch_report.json").exists()      # nothing was launched
+    assert "| Method | DTD HM-A | Mean of all HM-A |" in md
+    assert f"| CoOp | **{2 * 80 * 60 / 140:.2f} ± 0.00** |" in md or f"| CoOp | {2 * 80 * 60 / 140:.2f} ± 0.00 |" in md
+    assert "(1/" not in md                                                      # --seeds 1: one of one seed
+    assert not list((tmp_path / "out/tables/mini").glob("*.png"))                # --no-plots
+    assert main([str(spec_path), "--collect-only", "--no-plots", "--output", str(tmp_path / "out")]) == 0
+    assert "(1/3)" in (tmp_path / "out/tables/mini/mini.md").read_text()       # the spec's 3 seeds
+
+
+def test_component_variants_have_their_own_folders():
+    plan = build_plan(load_spec("table6"), "o")
+    tags = sorted({Path(u.key).parts[-2] for u in plan.units if u.row.trainer == "LAMP"})
+    assert tags == ["vit_b16_lt_b2n", "vit_b16_lt_b2n_use_lboFalse", "vit_b16_lt_b2n_use_lboFalse_use_mspFalse",
+                    "vit_b16_lt_b2n_use_lboFalse_use_poolFalse", "vit_b16_lt_b2n_use_mspFalse"]
+    assert [r.label for r in load_spec("table6").rows] == ["CLIP", "MPP", "MSP", "MPP+MSP", "MPP+LBO", "MPP+MSP+LBO"]
+
+
+def test_bench_out_writes_the_step_time_file(tmp_path, capsys):
+    from tools import bench
+    from tools.tables.plan import step_ms
+    out = tmp_path / "st.json"
+    for classes in (5, 9, 5):
+        assert bench.main(["--trainer", "CoOp", "--backbone", "tiny", "--batch", "2", "--classes", str(classes),
+                           "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
+    data = load_step_times(out)
+    assert sorted((e["trainer"], e["config"], e["classes"]) for e in data["entries"]) == \
+        [("CoOp", "vit_b16_ep50_ctxv1", 5), ("CoOp", "vit_b16_ep50_ctxv1", 9)]           # same setting replaced, not added
+    e9 = next(e for e in data["entries"] if e["classes"] == 9)
+    assert e9["ms_per_step"] > 0 and e9["trainable_parameters"] > 0 and e9["step_kind"] == "training"
+    assert step_ms(data, "CoOp", "vit_b16_ep50_ctxv1", 8) == e9["ms_per_step"]       # nearest class count
