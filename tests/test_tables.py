@@ -46,8 +46,8 @@ def test_dry_run_counts_without_touching_the_disk(name, tmp_path, capsys, monkey
     text = capsys.readouterr().out
     train, runs = COUNTS[name]
     assert f"{name}: {train:,} training runs + {runs - train:,} evaluation runs = {runs:,} runs" in text
-    assert f"missing {train}" in text
-    assert sum(1 for l in text.splitlines() if l.startswith("missing ")) == train   # one line per run
+    assert f"runs done 0, running 0, partial 0, missing {runs}" in text
+    assert sum(1 for l in text.splitlines() if l.startswith("missing ")) == runs    # one line per run
     assert not out.exists()
 
 
@@ -215,6 +215,9 @@ def test_partial_seeds_are_marked(tmp_path):
     md = markdown(spec, collect(plan))
     assert "(1/2)" in md
     assert plan.states()[u.key] == "done" and plan.totals()["by_state"]["done"] == 1
+    assert plan.totals()["runs_by_state"]["done"] == 2
+    os.makedirs(plan.units[1].steps[0].folder)
+    assert plan.units[1].state() == "partial" and plan.units[1].steps[1].state() == "missing"
 
 
 # ---- the paper's numbers

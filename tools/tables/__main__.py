@@ -57,17 +57,17 @@ def _fmt_int(n):
 def dry_run(plan, step_times_path=None, quiet=False, out=print):
     from tools.tables.plan import load_step_times
     step_times = load_step_times(step_times_path) if step_times_path else None
-    states = plan.states()
     if not quiet:
         for u in plan.units:
-            extra = f" (+{len(u.steps) - 1} eval)" if len(u.steps) > 1 else ""
-            out(f"{states[u.key]:8s} {u.key}{extra}  steps {u.train_steps}")
+            for i, step in enumerate(u.steps):
+                cost = f"  training steps {u.train_steps}" if i == 0 else f"  eval of {u.steps[0].folder}"
+                out(f"{step.state():8s} {step.folder}{cost}")
     t = plan.totals(step_times)
-    s = t["by_state"]
+    s = t["runs_by_state"]
     out(f"{plan.spec.name}: {_fmt_int(t['training_runs'])} training runs + {_fmt_int(t['eval_runs'])} evaluation runs "
         f"= {_fmt_int(t['runs'])} runs; training steps {_fmt_int(t['training_steps'])} (estimated from "
-        f"configs/tables/datasets.yaml), left {_fmt_int(t['training_steps_left'])}; "
-        f"done {s['done']}, running {s['running']}, partial {s['partial']}, missing {s['missing']}")
+        f"configs/tables/datasets.yaml), left {_fmt_int(t['training_steps_left'])}; runs done {s['done']}, "
+        f"running {s['running']}, partial {s['partial']}, missing {s['missing']}")
     if step_times is not None:
         miss = t["gpu_hours_missing_trainers"]
         out(f"{plan.spec.name}: GPU-hours (training steps x ms/step of {step_times_path}, "

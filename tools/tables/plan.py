@@ -40,6 +40,14 @@ class Step:
     def done(self):
         return os.path.isfile(os.path.join(self.folder, "results.json"))
 
+    def state(self):
+        """done | running | partial | missing of this one run (read-only)."""
+        if self.done:
+            return "done"
+        if lock_held(self.folder):
+            return "running"
+        return "partial" if os.path.isdir(self.folder) else "missing"
+
 
 @dataclass
 class Unit:
@@ -168,12 +176,14 @@ class Plan:
     def totals(self, step_times=None):
         """Counts for --dry-run: runs, training runs, training steps, GPU-hours (when step times are given)."""
         states = self.states()
+        run_states = [s.state() for s in self.steps()]
         out = {"units": len(self.units), "training_runs": len(self.units),
                "eval_runs": sum(len(u.steps) - 1 for u in self.units),
                "runs": sum(len(u.steps) for u in self.units),
                "training_steps": sum(u.train_steps for u in self.units),
                "by_state": {s: sum(1 for v in states.values() if v == s)
-                            for s in ("done", "running", "partial", "missing")}}
+                            for s in ("done", "running", "partial", "missing")},
+               "runs_by_state": {s: run_states.count(s) for s in ("done", "running", "partial", "missing")}}
         out["training_steps_left"] = sum(u.train_steps for u in self.units if states[u.key] != "done")
         if step_times is not None:
             hours, missing = 0.0, set()
