@@ -247,20 +247,44 @@ def test_paper_numbers_match_layout_and_paper_text(name):
         assert tokens[1:] == [r["value"] for r in recs], line   # every value, in the printed column order
 
 
+def _bench_figures(**kw):
+    """One ``python -m tools.bench ... --out FILE`` object (the fields the planner reads, plus a few others)."""
+    fig = {"trainer": "LAMP", "config": "vit_b16_lt_b2n.yaml", "backbone": "ViT-B/16", "device": "cuda",
+           "precision": "bf16", "batch": 4, "classes": 50, "opts": [], "trainable_params": 469760,
+           "step_kind": "training", "ms_per_step": 100.0, "peak_mb": 1000.0}
+    fig.update(kw)
+    return fig
+
+
 def test_step_times_give_gpu_hours(tmp_path):
-    path = tmp_path / "st.json"
-    path.write_text(json.dumps({"format": "ltpl-step-times/1", "device": "test", "entries": [
-        {"trainer": "LAMP", "config": "vit_b16_lt_b2n", "classes": 50, "ms_per_step": 100.0},
-        {"trainer": "LAMP", "config": "vit_b16_lt_b2n", "classes": 500, "ms_per_step": 1000.0}]}))
+    d = tmp_path / "bench"
+    d.mkdir()
+    (d / "lamp50.json").write_text(json.dumps(_bench_figures(classes=50, ms_per_step=100.0)))
+    (d / "lamp500.json").write_text(json.dumps(_bench_figures(classes=500, ms_per_step=1000.0)))
     plan = build_plan(_tiny_spec(), "o")
-    t = plan.totals(load_step_times(path))
+    t = plan.totals(load_step_times(d))
     lamp = [u for u in plan.units if u.row.trainer == "LAMP"]
     # caltech101 / dtd base have 50 / 24 classes: both nearest to the 50-class entry
     assert t["gpu_hours"] == pytest.approx(sum(u.train_steps for u in lamp) * 100.0 / 3.6e6)
     assert t["gpu_hours_missing_trainers"] == ["CoOp"]
-    path.write_text("{}")
-    with pytest.raises(ValueError, match="not a step-time file"):
-        load_step_times(path)
+    one = load_step_times([d / "lamp500.json"])
+    assert plan.totals(one)["gpu_hours"] == pytest.approx(sum(u.train_steps for u in lamp) * 1000.0 / 3.6e6)
+    from tools.tables.plan import step_ms
+    assert step_ms(load_step_times(d), "LAMP", "vit_b16_lt_b2n", 400) == 1000.0   # nearest class count
+    assert step_ms(load_step_times(d), "LAMP", "other_config", 400) == 1000.0     # any config of the trainer
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a tools.bench --out file"):
+        load_step_times(tmp_path / "bad.json")
+
+
+def test_dry_run_prints_gpu_hours(tmp_path, capsys):
+    from tools.tables.__main__ import main
+    f = tmp_path / "lamp.json"
+    f.write_text(json.dumps(_bench_figures(classes=500, ms_per_step=360.0)))
+    assert main(["table7", "--dry-run", "--quiet", "--output", str(tmp_path / "o"), "--step-times", str(f)]) == 0
+    text = capsys.readouterr().out
+    steps = build_plan(load_spec("table7"), tmp_path / "o").totals()["training_steps"]
+    assert f"GPU-hours (training steps x ms/step of 1 bench file(s), cuda): {steps * 360.0 / 3.6e6:.1f}" in text
 
 
 def test_folder_tag_matches_scripts_convention():
@@ -375,18 +399,3 @@ def test_component_variants_have_their_own_folders():
     assert tags == ["vit_b16_lt_b2n", "vit_b16_lt_b2n_use_lboFalse", "vit_b16_lt_b2n_use_lboFalse_use_mspFalse",
                     "vit_b16_lt_b2n_use_lboFalse_use_poolFalse", "vit_b16_lt_b2n_use_mspFalse"]
     assert [r.label for r in load_spec("table6").rows] == ["CLIP", "MPP", "MSP", "MPP+MSP", "MPP+LBO", "MPP+MSP+LBO"]
-
-
-def test_bench_out_writes_the_step_time_file(tmp_path, capsys):
-    from tools import bench
-    from tools.tables.plan import step_ms
-    out = tmp_path / "st.json"
-    for classes in (5, 9, 5):
-        assert bench.main(["--trainer", "CoOp", "--backbone", "tiny", "--batch", "2", "--classes", str(classes),
-                           "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
-    data = load_step_times(out)
-    assert sorted((e["trainer"], e["config"], e["classes"]) for e in data["entries"]) == \
-        [("CoOp", "vit_b16_ep50_ctxv1", 5), ("CoOp", "vit_b16_ep50_ctxv1", 9)]           # same setting replaced, not added
-    e9 = next(e for e in data["entries"] if e["classes"] == 9)
-    assert e9["ms_per_step"] > 0 and e9["trainable_parameters"] > 0 and e9["step_kind"] == "training"
-    assert step_ms(data, "CoOp", "vit_b16_ep50_ctxv1", 8) == e9["ms_per_step"]       # nearest class count

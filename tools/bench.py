@@ -4,14 +4,6 @@
     python -m tools.bench --trainer CoOp --backbone ViT-B/16-random --batch 4 --classes 50
     python -m tools.bench --trainer LAMP --params-only
     python -m tools.bench --trainer LAMP MODEL.TEXT_PREFIX_CACHE False MODEL.TRUNCATE_TEXT False
-    python -m tools.bench --trainer LAMP --config-file configs/trainers/LAMP/vit_b16_lt_b2n.yaml \
-        --backbone ViT-B/16 --batch 4 --classes 500 --out step_times.json
-
---out FILE adds this measurement to a step-time file (JSON, read by ``python -m tools.tables SPEC --dry-run
---step-times FILE`` for GPU-hours): ``{"format": "ltpl-step-times/1", "device": str, "entries": [{"trainer",
-"config" (config file stem, "" for the registered defaults), "backbone", "batch", "classes", "ms_per_step"
-(median), "step_kind" (training / inference), "peak_memory_mib", "trainable_parameters", "device",
-"precision"}]}``. An entry with the same (trainer, config, backbone, batch, classes) is replaced.
 
 Without --config-file the trainer's default config (its ``default_config`` in configs/trainers/<NAME>/)
 is used. Images and labels are random tensors; class names are "class 0".."class C-1".
@@ -80,7 +72,6 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--config-file", default="")
     p.add_argument("--params-only", action="store_true", help="print only the trainable parameter count")
-    p.add_argument("--out", default="", help="add the measurement to this step-time file (JSON, see above)")
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
 
@@ -136,34 +127,7 @@ def main(argv=None):
               f"min {min(times):.1f}, max {max(times):.1f}; {args.warmup} warm-up)")
         print(f"peak memory        {peak_memory_mb(trainer.device):.0f} MiB "
               f"({'CUDA allocated' if trainer.device.type == 'cuda' else 'process max RSS'})")
-        if args.out:
-            entry = {"trainer": args.trainer, "config": Path(config_file).stem if config_file else "",
-                     "backbone": args.backbone, "batch": args.batch, "classes": args.classes,
-                     "ms_per_step": round(statistics.median(times), 3), "step_kind": step_kind,
-                     "peak_memory_mib": round(peak_memory_mb(trainer.device), 1), "trainable_parameters": n_params,
-                     "device": str(trainer.device), "precision": str(trainer.precision)}
-            write_step_time(args.out, entry)
-            print(f"added to {args.out}")
     return 0
-
-
-STEP_TIMES_FORMAT = "ltpl-step-times/1"
-
-
-def write_step_time(path, entry):
-    """Add ``entry`` to the step-time file ``path`` (created if absent), replacing a same-setting entry."""
-    import json
-    from engine.checkpoint import atomic_write_json
-    data = {"format": STEP_TIMES_FORMAT, "device": "", "entries": []}
-    if os.path.isfile(path):
-        with open(path) as f:
-            data = json.load(f)
-        if data.get("format") != STEP_TIMES_FORMAT:
-            raise ValueError(f"{path} is not a step-time file ({STEP_TIMES_FORMAT})")
-    same = ("trainer", "config", "backbone", "batch", "classes")
-    data["entries"] = [e for e in data["entries"] if any(e.get(k) != entry[k] for k in same)] + [entry]
-    data["device"] = data.get("device") or (torch.cuda.get_device_name() if entry["device"].startswith("cuda") else "cpu")
-    atomic_write_json(data, path)
 
 
 if __name__ == "__main__":

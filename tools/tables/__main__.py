@@ -1,7 +1,7 @@
 """One command per paper table / figure: plan, run what is missing (submitit), collect, render.
 
     python -m tools.tables table1 --dry-run                 # every run, its folder and state; totals
-    python -m tools.tables table1 --dry-run --step-times bench.json   # + GPU-hours
+    python -m tools.tables table1 --dry-run --step-times bench/       # + GPU-hours (tools.bench --out files)
     python -m tools.tables table1 --jobs 4                  # local executor, 4 parallel runs
     python -m tools.tables table1 --launcher slurm --partition gpu --gpus-per-run 1 --time 720
     python -m tools.tables table1 --collect-only            # render from what exists
@@ -29,7 +29,8 @@ def parse_args(argv):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="list the runs, their folders and states, and totals; run nothing, write nothing")
     mode.add_argument("--collect-only", action="store_true", help="render from the finished runs; launch nothing")
-    p.add_argument("--step-times", default=None, help="step-time file of tools.bench --out (adds GPU-hours to --dry-run)")
+    p.add_argument("--step-times", nargs="+", default=None, metavar="FILE",
+                   help="tools.bench --out files (or folders of them): adds GPU-hours to --dry-run")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local")
     p.add_argument("--jobs", type=int, default=None, help="local: parallel runs (default: one per visible GPU, else 1)")
     p.add_argument("--partition", default=None, help="slurm partition")
@@ -70,7 +71,7 @@ def dry_run(plan, step_times_path=None, quiet=False, out=print):
         f"running {s['running']}, partial {s['partial']}, missing {s['missing']}")
     if step_times is not None:
         miss = t["gpu_hours_missing_trainers"]
-        out(f"{plan.spec.name}: GPU-hours (training steps x ms/step of {step_times_path}, "
+        out(f"{plan.spec.name}: GPU-hours (training steps x ms/step of {len(step_times['files'])} bench file(s), "
             f"{step_times.get('device', '?')}): {t['gpu_hours']:.1f}"
             + (f"; no step time for {', '.join(miss)}" if miss else ""))
     return t

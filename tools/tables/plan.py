@@ -15,7 +15,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
@@ -26,7 +25,6 @@ LOCK_NAME = ".table.lock"
 # Trainers with nothing to train: their "training" run only evaluates (0 training steps).
 UNTRAINED_TRAINERS = {"ZeroshotCLIP"}
 ENGINE_DEFAULTS = {"OPTIM.MAX_EPOCH": 10, "DATALOADER.TRAIN_X.BATCH_SIZE": 32}  # engine/config.py
-STEP_TIMES_FORMAT = "ltpl-step-times/1"
 
 
 @dataclass
@@ -256,13 +254,30 @@ def _add(units, identities, unit):
     units.setdefault(unit.key, unit)
 
 
-def load_step_times(path):
-    """Read a step-time file written by ``python -m tools.bench ... --out FILE`` (see tools/bench.py)."""
-    with open(path) as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or data.get("format") != STEP_TIMES_FORMAT or not isinstance(data.get("entries"), list):
-        raise ValueError(f"{path} is not a step-time file (expected {{'format': '{STEP_TIMES_FORMAT}', 'entries': [...]}})")
-    return data
+def load_step_times(paths):
+    """Step times from ``python -m tools.bench ... --out FILE`` (one JSON object per bench run: ``trainer``,
+    ``config`` (config file name), ``classes``, ``batch``, ``ms_per_step``, ...). ``paths``: one path or a list;
+    a folder means every ``*.json`` in it; a file may also hold a list of such objects. Returns
+    ``{"device": ..., "entries": [...]}``."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for p in paths:
+        files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".json")) if os.path.isdir(p) else [p]
+    entries = []
+    for path in files:
+        with open(path) as f:
+            data = json.load(f)
+        for e in data if isinstance(data, list) else [data]:
+            if not isinstance(e, dict) or not {"trainer", "ms_per_step"} <= set(e):
+                raise ValueError(f"{path} is not a tools.bench --out file (needs 'trainer' and 'ms_per_step')")
+            e = dict(e)
+            e["config"] = os.path.splitext(os.path.basename(str(e.get("config") or "")))[0]
+            entries.append(e)
+    if not entries:
+        raise ValueError(f"no step times in {', '.join(map(str, paths))}")
+    devices = sorted({str(e.get("device", "?")) for e in entries})
+    return {"device": ", ".join(devices), "entries": entries, "files": files}
 
 
 def step_ms(step_times, trainer, config, classes):

@@ -12,7 +12,6 @@ import csv
 import io
 from pathlib import Path
 
-from tools.tables.results import AVERAGE
 
 PAPER_FIELDS = ["block", "row", "group", "metric", "value", "line"]
 NOTE = ("Cells: mean ± sample std (ddof=1) over seeds, two decimals. HM-A / HM-M: harmonic mean of the "
