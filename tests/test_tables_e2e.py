@@ -30,7 +30,7 @@ def _spec(root2):
         "seeds": SEEDS,
         "datasets": ["synthetic_shapes", {"name": "synthetic_b", "config": "synthetic_shapes",
                                           "opts": ["DATASET.ROOT", str(root2)]}],
-        "opts": TINY + ["OPTIM.MAX_EPOCH", "1"],
+        "opts": TINY + ["OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0"],   # one epoch, no warm-up epoch
         "methods": [
             {"label": "ZS-CLIP", "trainer": "ZeroshotCLIP", "config": "vit_b16"},
             {"label": "CoOp+LA", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1", "loss": "la",

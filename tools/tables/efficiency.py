@@ -47,7 +47,8 @@ def read_efficiency_paper(path):
 
 
 def measure(method, dataset, setting, seed, data_root, out_dir, extra_opts, cpu_shots):
-    """Build the trainer exactly as train.py does, then time one epoch and one test pass."""
+    """Build the trainer exactly as train.py does (the config's own epochs and schedule), then time its first
+    epoch and one test pass."""
     import torch
     import train
     from engine.config import build_cfg
@@ -60,7 +61,7 @@ def measure(method, dataset, setting, seed, data_root, out_dir, extra_opts, cpu_
         dataset_config_file=str(REPO / "configs" / "datasets" / f"{dataset}.yaml"),
         config_file=str(REPO / "configs" / "trainers" / method["trainer"] / f"{method['config']}.yaml"),
         opts=["DATASET.NUM_SHOTS", str(shots), "DATASET.IMB_FACTOR", str(setting), "DATASET.SUBSAMPLE_CLASSES", "base",
-              "DATASET.CACHE_DIR", os.path.join(out_dir, "cache"), "OPTIM.MAX_EPOCH", "1"]
+              "DATASET.CACHE_DIR", os.path.join(out_dir, "cache")]
         + list(method.get("opts") or []) + list(extra_opts))
     cfg = build_cfg(ns)
     trainer = train.build_trainer(cfg, {"config": method["config"], "experiment": "efficiency"})
