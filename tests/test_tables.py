@@ -234,6 +234,8 @@ def test_paper_numbers_match_layout_and_paper_text(name):
     in_spec = {k: v for k, v in paper.items() if k[0] in spec.settings}
     assert set(in_spec) == keys                      # one number per cell of the layout, no more, no less
     assert len(in_spec) == len(spec.block_keys()) * len(spec.rows) * len(spec.groups()) * len(spec.metrics)
+    if not PAPER.is_file():
+        pytest.skip(f"the paper text {PAPER} is not next to the repository (only the layout was checked)")
     text = PAPER.read_text().split("\n")
     by_line = {}
     with open(spec.paper) as f:
