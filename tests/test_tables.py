@@ -401,3 +401,14 @@ def test_component_variants_have_their_own_folders():
     assert tags == ["vit_b16_lt_b2n", "vit_b16_lt_b2n_use_lboFalse", "vit_b16_lt_b2n_use_lboFalse_use_mspFalse",
                     "vit_b16_lt_b2n_use_lboFalse_use_poolFalse", "vit_b16_lt_b2n_use_mspFalse"]
     assert [r.label for r in load_spec("table6").rows] == ["CLIP", "MPP", "MSP", "MPP+MSP", "MPP+LBO", "MPP+MSP+LBO"]
+
+
+def test_unknown_dataset_is_planned_without_a_cost(capsys):
+    from tools.tables.__main__ import dry_run
+    spec = _tiny_spec(datasets=["caltech101", {"name": "mine", "config": "my_new_dataset"}])
+    plan = build_plan(spec, "o")
+    assert len(plan.units) == 8
+    t = dry_run(plan, quiet=True)
+    assert t["runs_without_estimate"] == 4
+    assert t["training_steps"] == sum(u.train_steps for u in plan.units if u.steps[0].dataset == "caltech101")
+    assert "4 training run(s) without a step estimate" in capsys.readouterr().out

@@ -61,14 +61,17 @@ def dry_run(plan, step_times_path=None, quiet=False, out=print):
     if not quiet:
         for u in plan.units:
             for i, step in enumerate(u.steps):
-                cost = f"  training steps {u.train_steps}" if i == 0 else f"  eval of {u.steps[0].folder}"
+                steps = "?" if u.train_steps is None else u.train_steps
+                cost = f"  training steps {steps}" if i == 0 else f"  eval of {u.steps[0].folder}"
                 out(f"{step.state():8s} {step.folder}{cost}")
     t = plan.totals(step_times)
     s = t["runs_by_state"]
     out(f"{plan.spec.name}: {_fmt_int(t['training_runs'])} training runs + {_fmt_int(t['eval_runs'])} evaluation runs "
         f"= {_fmt_int(t['runs'])} runs; training steps {_fmt_int(t['training_steps'])} (estimated from "
         f"configs/tables/datasets.yaml), left {_fmt_int(t['training_steps_left'])}; runs done {s['done']}, "
-        f"running {s['running']}, partial {s['partial']}, missing {s['missing']}")
+        f"running {s['running']}, partial {s['partial']}, missing {s['missing']}"
+        + (f"; {t['runs_without_estimate']} training run(s) without a step estimate (dataset not in "
+           f"configs/tables/datasets.yaml)" if t["runs_without_estimate"] else ""))
     if step_times is not None:
         miss = t["gpu_hours_missing_trainers"]
         out(f"{plan.spec.name}: GPU-hours (training steps x ms/step of {len(step_times['files'])} bench file(s), "

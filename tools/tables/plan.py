@@ -54,7 +54,7 @@ class Unit:
     setting: int
     seed: int
     steps: list
-    train_steps: int        # estimated optimizer steps of the training run (0: nothing to train)
+    train_steps: int        # estimated optimizer steps of the training run (0: nothing to train; None: unknown)
     train_classes: int
     identity: tuple = field(default=())
 
@@ -124,8 +124,8 @@ def train_images(dataset, regime, setting, all_classes=False):
     """(classes, images) of a training run, from configs/tables/datasets.yaml, equal class sizes assumed:
     per-class cap (100 or the shots), then the exponential profile of datasets/base.py over the classes."""
     info = dataset_info().get(dataset)
-    if info is None:
-        raise SpecError(f"dataset {dataset!r} is not in configs/tables/datasets.yaml (needed for step counts)")
+    if info is None:  # e.g. a dataset of an ad-hoc spec: the run is planned, its cost is unknown
+        return None
     classes = info["classes"] if all_classes else math.ceil(info["classes"] / 2)
     per_class = info["train_images"] // info["classes"]
     if regime == "fewshot":
@@ -137,9 +137,13 @@ def train_images(dataset, regime, setting, all_classes=False):
 
 
 def estimate_steps(row, dataset_cfg_name, regime, setting, opts, all_classes=False):
+    """(training steps, training classes); (None, None) for a dataset not in configs/tables/datasets.yaml."""
+    size = train_images(dataset_cfg_name, regime, setting, all_classes)
+    if size is None:
+        return (0 if row.trainer in UNTRAINED_TRAINERS else None), None
+    classes, images = size
     if row.trainer in UNTRAINED_TRAINERS:
-        return 0, train_images(dataset_cfg_name, regime, setting, all_classes)[0]
-    classes, images = train_images(dataset_cfg_name, regime, setting, all_classes)
+        return 0, classes
     if row.trainer == "LFA":  # one engine epoch = one full-batch iteration (trainers/lfa.py)
         iters = _config_value("LFA", row.config, "TRAINER.LFA.ITERS", opts, 0)
         if not iters:
@@ -178,17 +182,18 @@ class Plan:
         out = {"units": len(self.units), "training_runs": len(self.units),
                "eval_runs": sum(len(u.steps) - 1 for u in self.units),
                "runs": sum(len(u.steps) for u in self.units),
-               "training_steps": sum(u.train_steps for u in self.units),
+               "training_steps": sum(u.train_steps or 0 for u in self.units),
+               "runs_without_estimate": sum(u.train_steps is None for u in self.units),
                "by_state": {s: sum(1 for v in states.values() if v == s)
                             for s in ("done", "running", "partial", "missing")},
                "runs_by_state": {s: run_states.count(s) for s in ("done", "running", "partial", "missing")}}
-        out["training_steps_left"] = sum(u.train_steps for u in self.units if states[u.key] != "done")
+        out["training_steps_left"] = sum(u.train_steps or 0 for u in self.units if states[u.key] != "done")
         if step_times is not None:
             hours, missing = 0.0, set()
             for u in self.units:
                 ms = step_ms(step_times, u.row.trainer, u.row.config, u.train_classes)
-                if ms is None:
-                    if u.train_steps:
+                if ms is None or u.train_steps is None:
+                    if u.train_steps or u.train_steps is None:
                         missing.add(u.row.trainer)
                     continue
                 hours += u.train_steps * ms / 3.6e6
@@ -288,5 +293,7 @@ def step_ms(step_times, trainer, config, classes):
     entries = exact or [e for e in entries if not e.get("config")] or entries
     if not entries:
         return None
+    if classes is None:
+        return float(entries[0]["ms_per_step"])
     best = min(entries, key=lambda e: abs(int(e.get("classes", classes)) - classes))
     return float(best["ms_per_step"])
