@@ -166,10 +166,19 @@ def test_variant_sweep_one_folder_per_value_and_one_row_each(tmp_path):
         assert f"{hm:.2f}" in line
 
 
-def test_same_run_in_two_rows_is_one_unit():
+def test_same_run_in_two_rows_is_one_unit_read_by_both(tmp_path):
     spec = _tiny_spec(methods=[{"label": "A", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"},
                                {"label": "B", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"}])
-    assert len(build_plan(spec, "o").units) == 4
+    plan = build_plan(spec, tmp_path)
+    assert len(plan.units) == 4 and len(plan.members) == 8
+    for u in plan.units:
+        _write_result(u.steps[0].folder, "base", 60, 50, u.seed)
+        _write_result(u.steps[1].folder, "new", 40, 30, u.seed)
+    cells = collect(plan)
+    assert cells[(10, "A", "dtd", "hm_acc")].mean == cells[(10, "B", "dtd", "hm_acc")].mean == pytest.approx(48.0)
+    fig3 = build_plan(load_spec("figure3"), tmp_path)
+    default = [u for u in fig3.members if Path(u.key).parts[-2] == "vit_b16_lt_b2n" and u.seed == 1]
+    assert sorted(u.row.label for u in default) == ["(a) K=6, S=2", "(b) 32", "(c) 3-12", "(d) 5e-4"]
 
 
 def test_collect_render_eval_key_best_and_paper(tmp_path):

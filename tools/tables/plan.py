@@ -167,7 +167,9 @@ def _dataset_cfg_name(config):
 class Plan:
     spec: object
     output: str
-    units: list
+    units: list             # what to run: one unit per training folder
+    members: list = None    # what the table reads: one unit per (row, setting, seed[, dataset]); two rows that
+                            # are the same run (a sweep's default and the main row) share the folder
 
     def steps(self):
         return [s for u in self.units for s in u.steps]
@@ -210,7 +212,7 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
     out = os.path.abspath(output)
     data = os.path.abspath(data_root)
     cache = os.path.join(out, "cache")
-    units, identities = {}, {}
+    units, identities, members = {}, {}, []
     for setting in spec.settings:
         exp = experiment(spec, setting)
         for row in spec.rows:
@@ -234,7 +236,7 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
                         steps = [Step(train_dir, ds.name, args(train_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "base"])),
                                  Step(new_dir, ds.name, args(new_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "new"], train_dir), True)]
                         n, classes = estimate_steps(row, ds.config, spec.regime, setting, opts_for_cost)
-                        _add(units, identities, Unit(train_dir, row, setting, seed, steps, n, classes,
+                        _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
                                                      (row.trainer, row.config, row.loss, tuple(sorted(zip(opts_for_cost[0::2], opts_for_cost[1::2]))), ds)))
                 else:
                     src = spec.source
@@ -245,18 +247,19 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
                         d = os.path.join(out, exp, "test_all", ds.name, row.trainer, tag, f"seed{seed}")
                         steps.append(Step(d, ds.name, args(d, ds, ["DATASET.SUBSAMPLE_CLASSES", "all"], train_dir), True))
                     n, classes = estimate_steps(row, src.config, "lt_b2n", setting, opts_for_cost, all_classes=True)
-                    _add(units, identities, Unit(train_dir, row, setting, seed, steps, n, classes,
+                    _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
                                                  (row.trainer, row.config, row.loss, tuple(sorted(zip(opts_for_cost[0::2], opts_for_cost[1::2]))), src)))
-    return Plan(spec, out, list(units.values()))
+    return Plan(spec, out, list(units.values()), members)
 
 
-def _add(units, identities, unit):
+def _add(units, identities, members, unit):
     """Two rows with the same folder must be the same run (e.g. a sweep's default value and the main row)."""
     other = identities.get(unit.key)
     if other is not None and other != unit.identity:
         raise SpecError(f"two different runs map to one folder {unit.key}: {other} vs {unit.identity}")
     identities[unit.key] = unit.identity
     units.setdefault(unit.key, unit)
+    members.append(unit)
 
 
 def load_step_times(paths):

@@ -3,7 +3,7 @@
 - ``bars`` (Fig. 1): per imbalance factor, one bar per method of the Average column; one panel per metric.
 - ``sweep`` (Fig. 3, Tables 7 / 11): one panel per method entry of the spec (a sweep); x = the swept value,
   one line per metric with std error bars; a two-axis sweep (K x S) draws one line per value of the second
-  axis for the first metric.
+  axis for ``plot.grid_metric`` (default: the first metric; Fig. 3a: hm_mean, the average of HM-A and HM-M).
 - ``head_tail`` (every B2N table): per method, base-test head and tail accuracy averaged over the datasets.
 - ``expert_load``: per LAMP run with load diagnostics, a layer x statistic heatmap of its expert loads.
 Figures have a fixed size (FIGSIZE at DPI) so their pixel size is known.
@@ -62,12 +62,13 @@ def plot_sweep(spec, cells, out_dir):
     for ax, (name, rows) in zip(axes[0], panels):
         axes_names = [a for a, _ in rows[0].axes] or ["variant"]
         if len(axes_names) == 2:
+            metric = spec.plot.get("grid_metric", spec.metrics[0])
             first = list(dict.fromkeys(dict(r.axes)[axes_names[0]] for r in rows))
             for second in dict.fromkeys(dict(r.axes)[axes_names[1]] for r in rows):
                 sel = [r for r in rows if dict(r.axes)[axes_names[1]] == second]
-                _line(ax, cells, block, group, spec.metrics[0], sel, first, f"{axes_names[1]}={second}")
+                _line(ax, cells, block, group, metric, sel, first, f"{axes_names[1]}={second}")
             ax.set_xlabel(axes_names[0])
-            ax.set_ylabel(spec.metric_label(spec.metrics[0]))
+            ax.set_ylabel(spec.metric_label(metric))
         else:
             xs = [dict(r.axes).get(axes_names[0], r.label) for r in rows]
             for metric in spec.metrics:
@@ -118,7 +119,7 @@ def plot_expert_load(plan, out_dir):
     entropy / log M (1 = perfectly balanced)."""
     paths = []
     seen = set()
-    for u in plan.units:
+    for u in plan.members or plan.units:
         if u.row.trainer != "LAMP" or (u.setting, u.row.label) in seen:
             continue
         path = os.path.join(u.steps[0].folder, "results.json")

@@ -50,7 +50,7 @@ def collect(plan, warn=lambda msg: None):
     of = len(spec.seeds)
     # raw[(setting, row, dataset)][seed] = {"base": res, "new": res} or {"all": res}
     raw = {}
-    for u in plan.units:
+    for u in plan.members or plan.units:
         for i, step in enumerate(u.steps):
             res = _read(step.folder, spec.eval_key, warn)
             if spec.b2n:
