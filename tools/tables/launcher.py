@@ -139,6 +139,14 @@ def slurm_parameters(opts, name):
     return params
 
 
+def _result(job):
+    """(the lane's outcomes, None) or (None, the exception of a job that died)."""
+    try:
+        return job.result(), None
+    except Exception as err:
+        return None, err
+
+
 def _rotate(items, k):
     return items[k:] + items[:k] if items else items
 
@@ -189,10 +197,20 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
         report["jobs"] = [j.job_id for j in submitted]
         if launcher == "slurm" and not wait:
             return report
-        for job in submitted:
-            try:
-                report["outcomes"] += job.result()
-            except Exception as err:  # the job itself died (killed, out of memory, ...)
+        try:
+            results = [(job, _result(job)) for job in submitted]
+        except KeyboardInterrupt:
+            if launcher == "local":  # Ctrl-C stops the local runs too (they resume at the next launch)
+                for job in submitted:
+                    job.cancel(check=False)
+                log("[launch] interrupted: local jobs cancelled; relaunch to finish (runs resume from checkpoints)")
+            else:
+                log(f"[launch] interrupted: the SLURM jobs keep running ({', '.join(report['jobs'])})")
+            raise
+        for job, (outcome, err) in results:
+            if err is None:
+                report["outcomes"] += outcome
+            else:  # the job itself died (killed, out of memory, ...)
                 report["job_failures"].append({"job_id": job.job_id, "error": str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
                                                "job_log": str(job.paths.stderr)})
     # Units run by another launch (or skipped as busy): wait until nobody holds their locks.

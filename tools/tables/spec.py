@@ -11,6 +11,7 @@ renderer all read the same object, so a table and the runs behind it cannot drif
     seeds: [1, 2, 3, 4, 5]
     datasets: [caltech101, ...]   # b2n: the datasets; xd/dg: the targets. An entry may be a mapping
                                   # {name, config, opts}: folder name, configs/datasets/<config>.yaml, KEY VALUE opts
+                                  # (dataset opts are not in the folder name: give such a dataset its own name)
     source: imagenet              # xd/dg only
     opts: []                      # KEY VALUE opts for every run (they become part of every run folder's name)
     eval_key: test                # which entry of results.json's "results" the cells read
