@@ -421,3 +421,29 @@ def test_unknown_dataset_is_planned_without_a_cost(capsys):
     assert t["runs_without_estimate"] == 4
     assert t["training_steps"] == sum(u.train_steps for u in plan.units if u.steps[0].dataset == "caltech101")
     assert "4 training run(s) without a step estimate" in capsys.readouterr().out
+
+
+def test_unit_busy_elsewhere_is_submitted_again_once_free(tmp_path, monkeypatch):
+    """A unit locked by another process is not started; once the lock is free and the unit still unfinished,
+    the launcher submits it again (here it fails fast: the datasets folder does not exist)."""
+    import fcntl
+    import threading
+    from tools.tables.launcher import launch
+    spec = _tiny_spec(datasets=["dtd"], seeds=[1],
+                      methods=[{"label": "X", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"}])
+    plan = build_plan(spec, tmp_path / "out", tmp_path / "data")
+    unit = plan.units[0]
+    os.makedirs(unit.steps[0].folder)
+    fd = os.open(os.path.join(unit.steps[0].folder, ".table.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    assert plan.states()[unit.key] == "running"
+    timer = threading.Timer(1.0, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd)))
+    timer.start()
+    lines = []
+    report = launch(plan, jobs=1, log=lines.append, poll_s=0.2)
+    timer.join()
+    assert report["running_elsewhere"] == [unit.key] and report["pending"] == 0
+    assert any("submitting them again" in l for l in lines)
+    assert len(report["jobs"]) == 1 and [o["status"] for o in report["outcomes"]] == ["failed"]
+    assert any(l.startswith("[failed] ") and "table_error.log" in l for l in lines)
+    assert (Path(unit.steps[0].folder) / "table_error.log").is_file()

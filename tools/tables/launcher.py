@@ -151,11 +151,12 @@ def _rotate(items, k):
     return items[k:] + items[:k] if items else items
 
 
-def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, poll_s=2.0):
+def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, poll_s=2.0, rounds=3):
     """Submit every unit of ``plan`` that is neither done nor running; returns a report dict.
 
     Local launches wait for their jobs and then for units another launch is running; SLURM launches return
-    after submission unless ``wait``.
+    after submission unless ``wait``. A unit that was busy (e.g. a source run shared by Tables 3 and 4 that
+    another launch was training) and is still unfinished once free is submitted again (up to ``rounds``).
     """
     import submitit
 
@@ -224,4 +225,12 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
                 + (f"; job log: {o['job_log']}" if o.get("job_log") else "") + ")")
     for f in report["job_failures"]:
         log(f"[failed] job {f['job_id']} died: {f['error']} (job log: {f['job_log']})")
+    again = [by_key[k] for k in sorted(busy) if wait and by_key[k].state() != "done"]
+    if again and rounds > 1:
+        log(f"[launch] {len(again)} unit(s) were busy elsewhere and are still unfinished: submitting them again")
+        sub = type(plan)(plan.spec, plan.output, again, plan.members)
+        more = launch(sub, launcher, jobs, slurm, wait, log, poll_s, rounds - 1)
+        report["jobs"] += more["jobs"]
+        report["outcomes"] = [o for o in report["outcomes"] if o["status"] != "busy"] + more["outcomes"]
+        report["job_failures"] += more["job_failures"]
     return report
