@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# LAMP paper, Figure 1: average HM-A / HM-M per imbalance factor: plan the runs, run what is missing (submitit), collect, render.
+# usage: bash scripts/tables/figure1.sh [--dry-run [--step-times FILE] | --collect-only] [--jobs N]
+#        [--launcher slurm --partition P --gpus-per-run G --time MIN] [--output DIR] [--data DIR]
+# Tables: $OUTPUT/tables/figure1/ (default output/). All options: python -m tools.tables --help
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../setup.sh"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" -m tools.tables figure1 "$@"

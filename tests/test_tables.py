@@ -1,0 +1,449 @@
+"""Table specs, planner, paper numbers, renderer and launcher pieces (no training; see test_tables_e2e.py)."""
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tools.tables import build_plan, collect, load_spec
+from tools.tables.plan import folder_tag, load_step_times, lock_held
+from tools.tables.render import latex, layout_keys, markdown, read_paper, to_csv
+from tools.tables.spec import SPEC_DIR, SpecError
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO.parent / "shared" / "papers" / "lamp_paper.txt"
+
+# (training runs, all runs) of every paper table / figure: the paper's run counts (issue 10)
+COUNTS = {"table1": (1320, 2640), "figure1": (1320, 2640), "table2": (385, 770), "table3": (35, 385),
+          "table4": (35, 175), "table6": (60, 120), "table7": (35, 70), "table9": (250, 500),
+          "table10": (250, 500), "table11": (30, 60), "table12_15": (1100, 2200), "table12": (275, 550),
+          "table13": (275, 550), "table14": (275, 550), "table15": (275, 550), "figure3": (190, 380)}
+
+
+def test_every_spec_is_listed():
+    names = {p.stem for p in SPEC_DIR.glob("*.yaml")} - {"datasets", "table5"}
+    assert names == set(COUNTS)
+    for name in list(COUNTS) + ["table5"]:
+        assert (REPO / "scripts" / "tables" / f"{name}.sh").is_file(), name
+
+
+@pytest.mark.parametrize("name", ["table1", "table3", "table4", "table12_15", "figure3"])
+def test_dry_run_counts_without_touching_the_disk(name, tmp_path, capsys, monkeypatch):
+    from tools.tables.__main__ import main
+    out = tmp_path / "never"
+    real_open = os.open
+
+    def no_create(path, flags, *a, **kw):
+        assert not flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR), f"dry-run opened {path} for writing"
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", no_create)
+    monkeypatch.setattr(os, "makedirs", lambda *a, **k: pytest.fail("dry-run made a folder"))
+    assert main([name, "--dry-run", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    train, runs = COUNTS[name]
+    assert f"{name}: {train:,} training runs + {runs - train:,} evaluation runs = {runs:,} runs" in text
+    assert f"runs done 0, running 0, partial 0, missing {runs}" in text
+    assert sum(1 for l in text.splitlines() if l.startswith("missing ")) == runs    # one line per run
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", sorted(set(COUNTS) - {"table1", "table3", "table4", "table12_15", "figure3"}))
+def test_dry_run_counts_other_specs(name):
+    plan = build_plan(load_spec(name), "/nonexistent/output")
+    t = plan.totals()
+    assert (t["training_runs"], t["runs"]) == COUNTS[name]
+    assert t["training_steps"] > 0
+
+
+def test_xd_and_dg_share_their_source_runs():
+    xd, dg = build_plan(load_spec("table3"), "out"), build_plan(load_spec("table4"), "out")
+    assert {u.key for u in xd.units} == {u.key for u in dg.units}
+    u = xd.units[0]
+    assert "/xd_imb100/train_all/imagenet/CoOp/vit_b16_ep50_ctxv1_la/seed1" in u.key
+    assert [Path(s.folder).parts[-4] for s in u.steps[1:]] == [d.name for d in load_spec("table3").datasets]
+    assert "/dg_imb100/test_all/imagenet_a/" in build_plan(load_spec("table4"), "out").units[0].steps[1].folder
+
+
+def test_plan_arguments_follow_lib_sh(tmp_path):
+    plan = build_plan(load_spec("table1"), tmp_path / "o", tmp_path / "d")
+    u = next(u for u in plan.units if u.row.label == "MaPLe+LA" and u.setting == 20 and u.seed == 3
+             and u.steps[0].dataset == "dtd")
+    train, new = u.steps
+    assert train.folder.endswith("base2new_imb20/train_base/dtd/MaPLe/vit_b16_c2_ep5_batch4_2ctx_la/seed3")
+    assert new.folder.endswith("base2new_imb20/test_new/dtd/MaPLe/vit_b16_c2_ep5_batch4_2ctx_la/seed3")
+    a = train.argv
+    assert a[a.index("--seed") + 1] == "3" and a[a.index("--trainer") + 1] == "MaPLe"
+    assert a[a.index("--root") + 1] == str(tmp_path / "d")
+    opts = a[a.index("DATASET.CACHE_DIR"):]
+    assert opts[:10] == ["DATASET.CACHE_DIR", str(tmp_path / "o" / "cache"), "DATASET.NUM_SHOTS", "100",
+                         "DATASET.IMB_FACTOR", "20", "DATASET.SUBSAMPLE_CLASSES", "base", "TRAINER.LOSS", "la"]
+    b = new.argv
+    assert b[b.index("--model-dir") + 1] == train.folder and "--eval-only" in b
+    assert b[b.index("DATASET.SUBSAMPLE_CLASSES") + 1] == "new"
+
+
+def _tiny_spec(**kw):
+    raw = {"name": "t", "regime": "lt_b2n", "settings": [10], "seeds": [1, 2], "datasets": ["caltech101", "dtd"],
+           "methods": [{"label": "CoOp", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"},
+                       {"label": "LAMP", "trainer": "LAMP", "config": "vit_b16_lt_b2n"}],
+           "layout": {"metrics": ["hm_acc", "hm_f1"]}}
+    raw.update(kw)
+    return load_spec(raw)
+
+
+def test_spec_knobs_change_the_plan():
+    base = build_plan(_tiny_spec(), "o")
+    assert len(base.units) == 2 * 2 * 2
+    assert len(build_plan(_tiny_spec(seeds=[1, 2, 3]), "o").units) == 12
+    assert len(build_plan(_tiny_spec(settings=[10, 50]), "o").units) == 16
+    la = _tiny_spec(methods=[{"label": "CoOp+LA", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1", "loss": "la"}])
+    assert "/CoOp/vit_b16_ep50_ctxv1_la/seed1" in build_plan(la, "o").units[0].key
+    opts = build_plan(_tiny_spec(opts=["OPTIM.MAX_EPOCH", "3"]), "o")
+    assert "/vit_b16_ep50_ctxv1_max_epoch3/seed1" in opts.units[0].key
+    assert opts.units[0].steps[0].argv[-2:] == ["OPTIM.MAX_EPOCH", "3"]
+    assert opts.units[0].train_steps * 50 == base.units[0].train_steps * 3  # epochs drive the step count
+    fs = build_plan(_tiny_spec(regime="fewshot", settings=[4]), "o").units[0]
+    assert "/fewshot_4shots/train_base/" in fs.key
+    assert fs.steps[0].argv[fs.steps[0].argv.index("DATASET.NUM_SHOTS") + 1] == "4"
+    assert fs.train_steps == 50 * (50 * 4 // 32)            # 50 base classes x 4 shots, batch 32, 50 epochs
+    ds = build_plan(_tiny_spec(datasets=[{"name": "cal_b", "config": "caltech101", "opts": ["DATASET.IMB_PROFILE", "step"]}]), "o")
+    assert "/train_base/cal_b/" in ds.units[0].key and ds.units[0].steps[0].argv[-4:-2] == ["DATASET.IMB_PROFILE", "step"]
+
+
+def test_spec_errors_are_one_line_user_errors():
+    with pytest.raises(SpecError, match="unknown key"):
+        _tiny_spec(colour="red")
+    with pytest.raises(SpecError, match="not available for regime"):
+        _tiny_spec(layout={"metrics": ["acc"]})
+    with pytest.raises(SpecError, match="blocks none needs exactly one setting"):
+        _tiny_spec(settings=[10, 20], layout={"blocks": "none"})
+    with pytest.raises(SpecError, match="duplicate row label"):
+        _tiny_spec(methods=[{"label": "A", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"}] * 2)
+    with pytest.raises(SpecError, match="no table spec"):
+        load_spec("table99")
+
+
+def test_layout_knobs():
+    assert [g for g, _ in _tiny_spec().groups()] == ["caltech101", "dtd", "__average__"]
+    assert [g for g, _ in _tiny_spec(layout={"average": "first"}).groups()] == ["__average__", "caltech101", "dtd"]
+    assert [g for g, _ in _tiny_spec(layout={"average": "none"}).groups()] == ["caltech101", "dtd"]
+    xd = load_spec("table3")
+    assert xd.groups()[0] == ("imagenet", "ImageNet (Source)") and xd.groups()[-1][0] == "__average__"
+    assert not _tiny_spec().blocks and _tiny_spec(settings=[10, 20]).blocks
+    assert _tiny_spec(layout={"metric_labels": {"hm_acc": "HM"}}).metric_label("hm_acc") == "HM"
+
+
+def _write_result(folder, split, acc, f1, seed, head=None, tail=None, key="test"):
+    os.makedirs(folder, exist_ok=True)
+    rec = {"trainer": "x", "dataset": "x", "seed": seed, "subsample_classes": split,
+           "results": {key: {"accuracy": acc, "macro_f1": f1, "head_acc": head, "tail_acc": tail}}}
+    Path(folder, "results.json").write_text(json.dumps(rec))
+
+
+def test_variant_sweep_one_folder_per_value_and_one_row_each(tmp_path):
+    spec = load_spec({"name": "beta", "regime": "lt_b2n", "settings": [10], "seeds": [1], "datasets": ["imagenet"],
+                      "methods": [{"label": "", "trainer": "LAMP", "config": "vit_b16_lt_b2n",
+                                   "sweep": [{"name": "beta", "key": "TRAINER.LAMP.BETA", "default": "2.0",
+                                              "values": ["0.5", "1.0", "2.0"]}]}],
+                      "layout": {"metrics": ["hm_acc"], "average": "none"}})
+    plan = build_plan(spec, tmp_path)
+    folders = [u.key for u in plan.units]
+    assert [Path(f).parts[-2] for f in folders] == ["vit_b16_lt_b2n_beta0.5", "vit_b16_lt_b2n_beta1.0", "vit_b16_lt_b2n"]
+    assert plan.units[0].steps[0].argv[-2:] == ["TRAINER.LAMP.BETA", "0.5"]
+    assert plan.units[2].steps[0].argv[-2:] == ["TRAINER.LOSS", "ce"]      # default value: the plain config run
+    for i, u in enumerate(plan.units):
+        _write_result(u.steps[0].folder, "base", 60.0 + i, 50.0, 1)
+        _write_result(u.steps[1].folder, "new", 70.0 + i, 55.0, 1)
+    md = markdown(spec, collect(plan))
+    rows = [l for l in md.splitlines() if re.match(r"\| (0.5|1.0|2.0) \|", l)]
+    assert len(rows) == 3
+    for i, line in enumerate(rows):
+        hm = 2 * (60 + i) * (70 + i) / (130 + 2 * i)
+        assert f"{hm:.2f}" in line
+
+
+def test_same_run_in_two_rows_is_one_unit_read_by_both(tmp_path):
+    spec = _tiny_spec(methods=[{"label": "A", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"},
+                               {"label": "B", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"}])
+    plan = build_plan(spec, tmp_path)
+    assert len(plan.units) == 4 and len(plan.members) == 8
+    for u in plan.units:
+        _write_result(u.steps[0].folder, "base", 60, 50, u.seed)
+        _write_result(u.steps[1].folder, "new", 40, 30, u.seed)
+    cells = collect(plan)
+    assert cells[(10, "A", "dtd", "hm_acc")].mean == cells[(10, "B", "dtd", "hm_acc")].mean == pytest.approx(48.0)
+    fig3 = build_plan(load_spec("figure3"), tmp_path)
+    default = [u for u in fig3.members if Path(u.key).parts[-2] == "vit_b16_lt_b2n" and u.seed == 1]
+    assert sorted(u.row.label for u in default) == ["(a) K=6, S=2", "(b) 32", "(c) 3-12", "(d) 5e-4"]
+
+
+def test_collect_render_eval_key_best_and_paper(tmp_path):
+    spec = _tiny_spec(eval_key="test_inductive", seeds=[1, 2])
+    plan = build_plan(spec, tmp_path)
+    accs = {}
+    for u in plan.units:
+        base = 50 + 10 * (u.row.label == "LAMP") + u.seed + (u.steps[0].dataset == "dtd")
+        accs[(u.row.label, u.steps[0].dataset, u.seed)] = base
+        _write_result(u.steps[0].folder, "base", base, base - 5, u.seed, head=base + 3, tail=base - 3, key="test_inductive")
+        _write_result(u.steps[0].folder.replace("train_base", "ignored"), "base", 0, 0, u.seed)
+        _write_result(u.steps[1].folder, "new", base - 10, base - 12, u.seed, key="test_inductive")
+    cells = collect(plan)
+    c = cells[(10, "LAMP", "dtd", "hm_acc")]
+    b, n = [61 + 1, 62 + 1], [51 + 1, 52 + 1]
+    exp = 2 * (sum(b) / 2) * (sum(n) / 2) / (sum(b) / 2 + sum(n) / 2)
+    assert c.mean == pytest.approx(exp) and c.n == 2
+    per_seed = [2 * x * y / (x + y) for x, y in zip(b, n)]
+    assert c.std == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+    avg = cells[(10, "LAMP", "__average__", "hm_acc")].mean
+    assert avg == pytest.approx((cells[(10, "LAMP", "dtd", "hm_acc")].mean + cells[(10, "LAMP", "caltech101", "hm_acc")].mean) / 2)
+    assert cells[(10, "LAMP", "dtd", "base_head_acc")].mean == pytest.approx(sum(b) / 2 + 3)
+    # eval_key is honoured: with "test" nothing is found
+    assert collect(build_plan(_tiny_spec(), tmp_path))[(10, "LAMP", "dtd", "hm_acc")].mean is None
+    paper = {(10, "LAMP", "dtd", "hm_acc"): (50.0, "50.00", 7)}
+    md = markdown(spec, cells, paper)
+    lamp_line = next(l for l in md.splitlines() if l.startswith("| LAMP |"))
+    assert f"**{c.mean:.2f} ± {c.std:.2f}**" in lamp_line       # best in its column is bold
+    assert f"{c.mean - 50:+.2f}" in md and "lines 7–7" in md
+    rows = list(csv.DictReader(to_csv(spec, cells, paper).splitlines()))
+    r = next(r for r in rows if (r["row"], r["group"], r["metric"]) == ("LAMP", "dtd", "hm_acc"))
+    assert float(r["paper"]) == 50.0 and float(r["diff"]) == pytest.approx(c.mean - 50, abs=1e-4)
+    tex = latex(spec, cells)
+    assert "\\begin{tabular}{lcccccc}" in tex and f"\\textbf{{{c.mean:.2f}}}" in tex and "\\cmidrule" in tex
+
+
+def test_partial_seeds_are_marked(tmp_path):
+    spec = _tiny_spec()
+    plan = build_plan(spec, tmp_path)
+    u = plan.units[0]
+    _write_result(u.steps[0].folder, "base", 60, 50, u.seed)
+    _write_result(u.steps[1].folder, "new", 40, 30, u.seed)
+    md = markdown(spec, collect(plan))
+    assert "(1/2)" in md
+    assert plan.states()[u.key] == "done" and plan.totals()["by_state"]["done"] == 1
+    assert plan.totals()["runs_by_state"]["done"] == 2
+    os.makedirs(plan.units[1].steps[0].folder)
+    assert plan.units[1].state() == "partial" and plan.units[1].steps[1].state() == "missing"
+
+
+# ---- the paper's numbers
+
+_RELABELLED = {("table2", 234): ("MMA", "TCP"), ("table2", 235): ("TCP", "MMA")}   # see PAPER_NUMBERS.md
+
+
+@pytest.mark.parametrize("name", ["table1", "table2", "table3", "table4", "table6", "table7", "table9",
+                                  "table10", "table11", "table12_15", "table12", "table15"])
+def test_paper_numbers_match_layout_and_paper_text(name):
+    spec = load_spec(name)
+    paper = read_paper(spec.paper)
+    keys = set(layout_keys(spec))
+    in_spec = {k: v for k, v in paper.items() if k[0] in spec.settings}
+    assert set(in_spec) == keys                      # one number per cell of the layout, no more, no less
+    assert len(in_spec) == len(spec.block_keys()) * len(spec.rows) * len(spec.groups()) * len(spec.metrics)
+    if not PAPER.is_file():
+        pytest.skip(f"the paper text {PAPER} is not next to the repository (only the layout was checked)")
+    text = PAPER.read_text().split("\n")
+    by_line = {}
+    with open(spec.paper) as f:
+        for rec in csv.DictReader(f):
+            by_line.setdefault(int(rec["line"]), []).append(rec)
+    for line, recs in by_line.items():
+        tokens = [t.strip() for t in re.sub(r"</?u>", "", text[line - 1]).split("\t") if t.strip()]
+        label = recs[0]["row"]
+        printed, ours = _RELABELLED.get((spec.paper.stem.replace("_paper", ""), line), (label, label))
+        assert tokens[0] == printed and label == ours, (line, tokens[0], label)
+        assert tokens[1:] == [r["value"] for r in recs], line   # every value, in the printed column order
+
+
+def _bench_figures(**kw):
+    """One ``python -m tools.bench ... --out FILE`` object (the fields the planner reads, plus a few others)."""
+    fig = {"trainer": "LAMP", "config": "vit_b16_lt_b2n.yaml", "backbone": "ViT-B/16", "device": "cuda",
+           "precision": "bf16", "batch": 4, "classes": 50, "opts": [], "trainable_params": 469760,
+           "step_kind": "training", "ms_per_step": 100.0, "peak_mb": 1000.0}
+    fig.update(kw)
+    return fig
+
+
+def test_step_times_give_gpu_hours(tmp_path):
+    d = tmp_path / "bench"
+    d.mkdir()
+    (d / "lamp50.json").write_text(json.dumps(_bench_figures(classes=50, ms_per_step=100.0)))
+    (d / "lamp500.json").write_text(json.dumps(_bench_figures(classes=500, ms_per_step=1000.0)))
+    plan = build_plan(_tiny_spec(), "o")
+    t = plan.totals(load_step_times(d))
+    lamp = [u for u in plan.units if u.row.trainer == "LAMP"]
+    # caltech101 / dtd base have 50 / 24 classes: both nearest to the 50-class entry
+    assert t["gpu_hours"] == pytest.approx(sum(u.train_steps for u in lamp) * 100.0 / 3.6e6)
+    assert t["gpu_hours_missing_trainers"] == ["CoOp"]
+    one = load_step_times([d / "lamp500.json"])
+    assert plan.totals(one)["gpu_hours"] == pytest.approx(sum(u.train_steps for u in lamp) * 1000.0 / 3.6e6)
+    from tools.tables.plan import step_ms
+    assert step_ms(load_step_times(d), "LAMP", "vit_b16_lt_b2n", 400) == 1000.0   # nearest class count
+    assert step_ms(load_step_times(d), "LAMP", "other_config", 400) == 1000.0     # any config of the trainer
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a tools.bench --out file"):
+        load_step_times(tmp_path / "bad.json")
+
+
+def test_dry_run_prints_gpu_hours(tmp_path, capsys):
+    from tools.tables.__main__ import main
+    f = tmp_path / "lamp.json"
+    f.write_text(json.dumps(_bench_figures(classes=500, ms_per_step=360.0)))
+    assert main(["table7", "--dry-run", "--quiet", "--output", str(tmp_path / "o"), "--step-times", str(f)]) == 0
+    text = capsys.readouterr().out
+    steps = build_plan(load_spec("table7"), tmp_path / "o").totals()["training_steps"]
+    assert f"GPU-hours (training steps x ms/step of 1 bench file(s), cuda): {steps * 360.0 / 3.6e6:.1f}" in text
+
+
+def test_folder_tag_matches_scripts_convention():
+    spec = _tiny_spec(methods=[{"label": "x", "trainer": "CoOp", "config": "c", "loss": "la",
+                                "opts": ["TRAINER.COOP.N_CTX", "4"]}])
+    assert folder_tag(spec.rows[0]) == "c_la_n_ctx4"
+
+
+# ---- launcher pieces
+
+def test_slurm_parameters_reach_submitit(tmp_path, monkeypatch):
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+    from tools.tables.launcher import slurm_parameters
+    p = slurm_parameters({"partition": "gpu", "gpus_per_run": 2, "time_min": 90, "array_parallelism": 7,
+                          "cpus_per_run": 4, "account": "acc"}, "table1")
+    assert p["slurm_partition"] == "gpu" and p["gpus_per_node"] == 2 and p["timeout_min"] == 90
+    assert p["slurm_array_parallelism"] == 7 and p["cpus_per_task"] == 4
+    assert p["slurm_additional_parameters"] == {"account": "acc"}
+    monkeypatch.setattr(SlurmExecutor, "affinity", staticmethod(lambda: 1))   # no srun on this machine
+    ex = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    ex.update_parameters(**p)                     # the launcher's exact call; unknown keys would raise
+    text = ex._executor._make_submission_file_text("cmd", "uid")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=90",
+                 "#SBATCH --cpus-per-task=4", "#SBATCH --account=acc", "#SBATCH --job-name=table-table1"):
+        assert line in text, line
+    assert ex._executor.parameters["array_parallelism"] == 7
+
+
+def test_locked_run_is_not_started_twice_and_failures_do_not_stop_others(tmp_path):
+    import fcntl
+    from tools.tables.launcher import run_lane
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    fd = os.open(locked / ".table.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    assert lock_held(str(locked))
+    bad = tmp_path / "bad"
+    done = tmp_path / "done"
+    _write_result(done, "base", 1, 1, 1)
+    units = [{"key": "a", "steps": [{"folder": str(locked), "argv": ["--never-run"]}]},
+             {"key": "b", "steps": [{"folder": str(bad), "argv": ["--output-dir", str(bad), "--config-file", "/nonexistent.yaml"]}]},
+             {"key": "c", "steps": [{"folder": str(done), "argv": ["--never-run"]}]}]
+    out = run_lane(units, 0)
+    assert [o["status"] for o in out] == ["busy", "failed", "done"]
+    assert out[1]["error_log"] == str(bad / "table_error.log") and (bad / "table_error.log").is_file()
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    assert not lock_held(str(locked))
+
+
+def test_sweep_and_expert_load_plots(tmp_path):
+    from PIL import Image
+    from tools.tables.plots import plot_all
+    spec = load_spec({"name": "fig", "regime": "lt_b2n", "settings": [10], "seeds": [1, 2], "datasets": ["imagenet"],
+                      "methods": [{"label": "(a)", "trainer": "LAMP", "config": "vit_b16_lt_b2n",
+                                   "sweep": [{"name": "K", "key": "TRAINER.LAMP.TOP_K", "values": [2, 6]},
+                                             {"name": "S", "key": "TRAINER.LAMP.SHARED_TOKENS", "values": [1, 2]}]},
+                                  {"label": "(b)", "trainer": "LAMP", "config": "vit_b16_lt_b2n",
+                                   "sweep": [{"name": "D", "key": "TRAINER.LAMP.PROMPT_DIM", "values": [16, 32, 64]}]}],
+                      "layout": {"metrics": ["hm_acc", "hm_f1"], "average": "none"}, "plot": {"kind": "sweep"}})
+    plan = build_plan(spec, tmp_path)
+    assert len(spec.rows) == 4 + 3 and len(plan.units) == 7 * 2
+    diag = {str(l): {"min": 0.02, "max": 0.1, "entropy": 2.9, "max_entropy": 2.995732, "bias_min": -1e-3,
+                     "bias_max": 1e-3} for l in range(3, 13)}
+    for i, u in enumerate(plan.units):
+        _write_result(u.steps[0].folder, "base", 50 + i, 40 + i, u.seed, head=60, tail=45)
+        _write_result(u.steps[1].folder, "new", 55 + i, 45, u.seed)
+        rec = json.loads(Path(u.steps[0].folder, "results.json").read_text())
+        rec["load_diagnostics"] = diag
+        Path(u.steps[0].folder, "results.json").write_text(json.dumps(rec))
+    paths = plot_all(plan, collect(plan), tmp_path / "plots")
+    names = sorted(p.name for p in paths)
+    assert "fig.png" in names and "fig.pdf" in names and "fig_head_tail.png" in names
+    assert sum(n.startswith("fig_load_10_") and n.endswith(".png") for n in names) == 7   # one per LAMP row
+    assert Image.open(tmp_path / "plots/fig.png").size == (1000, 400)
+    assert Image.open(tmp_path / "plots/fig_head_tail.png").size == (1000, 400)
+    load_png = next(p for p in paths if p.name.startswith("fig_load_") and p.suffix == ".png")
+    assert Image.open(load_png).size == (400, 400)
+    for p in paths:
+        img = Image.open(p) if p.suffix == ".png" else None
+        assert p.stat().st_size > 1000
+        if img is not None:
+            assert img.convert("L").getextrema()[0] < img.convert("L").getextrema()[1]   # not a blank image
+
+
+def test_cli_collect_only_and_seed_override(tmp_path, capsys):
+    from tools.tables.__main__ import main
+    spec_path = tmp_path / "mini.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "mini", "regime": "lt_b2n", "settings": [10], "seeds": [1, 2, 3], "datasets": ["dtd"],
+        "methods": [{"label": "CoOp", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"}],
+        "layout": {"metrics": ["hm_acc"], "average": "last", "average_label": "Mean of all"}}))
+    plan = build_plan(load_spec(spec_path, {"seeds": [1]}), tmp_path / "out")
+    assert len(plan.units) == 1
+    _write_result(plan.units[0].steps[0].folder, "base", 80, 70, 1)
+    _write_result(plan.units[0].steps[1].folder, "new", 60, 50, 1)
+    assert main([str(spec_path), "--collect-only", "--seeds", "1", "--no-plots", "--output", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out/tables/mini/mini.md").read_text()
+    assert not (tmp_path / "out/tables/mini/launch_report.json").exists()      # nothing was launched
+    assert "| Method | DTD HM-A | Mean of all HM-A |" in md
+    assert f"| CoOp | **{2 * 80 * 60 / 140:.2f} ± 0.00** |" in md or f"| CoOp | {2 * 80 * 60 / 140:.2f} ± 0.00 |" in md
+    assert "(1/" not in md                                                      # --seeds 1: one of one seed
+    assert not list((tmp_path / "out/tables/mini").glob("*.png"))                # --no-plots
+    assert main([str(spec_path), "--collect-only", "--no-plots", "--output", str(tmp_path / "out")]) == 0
+    assert "(1/3)" in (tmp_path / "out/tables/mini/mini.md").read_text()       # the spec's 3 seeds
+
+
+def test_component_variants_have_their_own_folders():
+    plan = build_plan(load_spec("table6"), "o")
+    tags = sorted({Path(u.key).parts[-2] for u in plan.units if u.row.trainer == "LAMP"})
+    assert tags == ["vit_b16_lt_b2n", "vit_b16_lt_b2n_use_lboFalse", "vit_b16_lt_b2n_use_lboFalse_use_mspFalse",
+                    "vit_b16_lt_b2n_use_lboFalse_use_poolFalse", "vit_b16_lt_b2n_use_mspFalse"]
+    assert [r.label for r in load_spec("table6").rows] == ["CLIP", "MPP", "MSP", "MPP+MSP", "MPP+LBO", "MPP+MSP+LBO"]
+
+
+def test_unknown_dataset_is_planned_without_a_cost(capsys):
+    from tools.tables.__main__ import dry_run
+    spec = _tiny_spec(datasets=["caltech101", {"name": "mine", "config": "my_new_dataset"}])
+    plan = build_plan(spec, "o")
+    assert len(plan.units) == 8
+    t = dry_run(plan, quiet=True)
+    assert t["runs_without_estimate"] == 4
+    assert t["training_steps"] == sum(u.train_steps for u in plan.units if u.steps[0].dataset == "caltech101")
+    assert "4 training run(s) without a step estimate" in capsys.readouterr().out
+
+
+def test_unit_busy_elsewhere_is_submitted_again_once_free(tmp_path, monkeypatch):
+    """A unit locked by another process is not started; once the lock is free and the unit still unfinished,
+    the launcher submits it again (here it fails fast: the datasets folder does not exist)."""
+    import fcntl
+    import threading
+    from tools.tables.launcher import launch
+    spec = _tiny_spec(datasets=["dtd"], seeds=[1],
+                      methods=[{"label": "X", "trainer": "CoOp", "config": "vit_b16_ep50_ctxv1"}])
+    plan = build_plan(spec, tmp_path / "out", tmp_path / "data")
+    unit = plan.units[0]
+    os.makedirs(unit.steps[0].folder)
+    fd = os.open(os.path.join(unit.steps[0].folder, ".table.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    assert plan.states()[unit.key] == "running"
+    timer = threading.Timer(1.0, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd)))
+    timer.start()
+    lines = []
+    report = launch(plan, jobs=1, log=lines.append, poll_s=0.2)
+    timer.join()
+    assert report["running_elsewhere"] == [unit.key] and report["pending"] == 0
+    assert any("submitting them again" in l for l in lines)
+    assert len(report["jobs"]) == 1 and [o["status"] for o in report["outcomes"]] == ["failed"]
+    assert any(l.startswith("[failed] ") and "table_error.log" in l for l in lines)
+    assert (Path(unit.steps[0].folder) / "table_error.log").is_file()

@@ -1,0 +1,302 @@
+"""Plan: the runs a spec needs, their folders, their ``train.py`` arguments, their state and their cost.
+
+A *unit* is what one job executes in order: for B2N a training run on the base classes and the evaluation
+of that model on the new classes; for XD / DG one training run on the source dataset and one evaluation per
+target. Folders and arguments follow ``scripts/lib.sh`` exactly (``b2n_seeds`` and ``transfer``), with the
+variant opts in the folder name (``<config>[_la]<variant_tag(opts)>``), so a table reuses the runs the
+per-method scripts made and vice versa (for the same opts).
+
+Nothing here writes: the state of a run is read from its folder (``results.json``, the lock file).
+"""
+import errno
+import fcntl
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from engine.run_identity import variant_tag
+from tools.tables.spec import REPO, SpecError, dataset_info
+
+LOCK_NAME = ".table.lock"
+# Trainers with nothing to train: their "training" run only evaluates (0 training steps).
+UNTRAINED_TRAINERS = {"ZeroshotCLIP"}
+ENGINE_DEFAULTS = {"OPTIM.MAX_EPOCH": 10, "DATALOADER.TRAIN_X.BATCH_SIZE": 32}  # engine/config.py
+
+
+@dataclass
+class Step:
+    folder: str
+    dataset: str            # folder name of the dataset (spec name)
+    argv: list              # train.py arguments
+    eval_only: bool = False
+
+    @property
+    def done(self):
+        return os.path.isfile(os.path.join(self.folder, "results.json"))
+
+    def state(self):
+        """done | running | partial | missing of this one run (read-only)."""
+        if self.done:
+            return "done"
+        if lock_held(self.folder):
+            return "running"
+        return "partial" if os.path.isdir(self.folder) else "missing"
+
+
+@dataclass
+class Unit:
+    key: str                # unique id inside a plan (= the training folder)
+    row: object
+    setting: int
+    seed: int
+    steps: list
+    train_steps: int        # estimated optimizer steps of the training run (0: nothing to train; None: unknown)
+    train_classes: int
+    identity: tuple = field(default=())
+
+    def state(self):
+        """done | running | partial | missing (read-only)."""
+        if all(s.done for s in self.steps):
+            return "done"
+        if any(lock_held(s.folder) for s in self.steps):
+            return "running"
+        if any(os.path.isdir(s.folder) for s in self.steps):
+            return "partial"
+        return "missing"
+
+
+def lock_held(folder):
+    """True when a live process holds the lock of ``folder`` (never creates anything)."""
+    path = os.path.join(folder, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)
+    return False
+
+
+def folder_tag(row, spec_opts=(), extra_opts=()):
+    tag = row.config + ("_la" if row.loss == "la" else "")
+    return tag + variant_tag(list(spec_opts) + list(row.opts) + list(extra_opts))
+
+
+def experiment(spec, setting):
+    if spec.regime == "lt_b2n":
+        return f"base2new_imb{setting}"
+    if spec.regime == "fewshot":
+        return f"fewshot_{setting}shots"
+    return f"{spec.regime}_imb{setting}"
+
+
+def _config_value(trainer, config, key, opts, default=None):
+    opts = list(opts)
+    for k, v in zip(opts[0::2], opts[1::2]):
+        if k == key:
+            return yaml.safe_load(v)
+    node = _trainer_yaml(trainer, config)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return ENGINE_DEFAULTS.get(key, default)
+        node = node[part]
+    return node
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer_yaml(trainer, config):
+    with open(REPO / "configs" / "trainers" / trainer / f"{config}.yaml") as f:
+        return yaml.safe_load(f) or {}
+
+
+@functools.lru_cache(maxsize=None)
+def train_images(dataset, regime, setting, all_classes=False):
+    """(classes, images) of a training run, from configs/tables/datasets.yaml, equal class sizes assumed:
+    per-class cap (100 or the shots), then the exponential profile of datasets/base.py over the classes."""
+    info = dataset_info().get(dataset)
+    if info is None:  # e.g. a dataset of an ad-hoc spec: the run is planned, its cost is unknown
+        return None
+    classes = info["classes"] if all_classes else math.ceil(info["classes"] / 2)
+    per_class = info["train_images"] // info["classes"]
+    if regime == "fewshot":
+        return classes, classes * min(setting, per_class)
+    n_max, rho = min(100, per_class), 1.0 / setting
+    if classes == 1:
+        return 1, n_max
+    return classes, sum(int(max(n_max * rho ** (i / (classes - 1)), 1)) for i in range(classes))
+
+
+def estimate_steps(row, dataset_cfg_name, regime, setting, opts, all_classes=False):
+    """(training steps, training classes); (None, None) for a dataset not in configs/tables/datasets.yaml."""
+    size = train_images(dataset_cfg_name, regime, setting, all_classes)
+    if size is None:
+        return (0 if row.trainer in UNTRAINED_TRAINERS else None), None
+    classes, images = size
+    if row.trainer in UNTRAINED_TRAINERS:
+        return 0, classes
+    if row.trainer == "LFA":  # one engine epoch = one full-batch iteration (trainers/lfa.py)
+        iters = _config_value("LFA", row.config, "TRAINER.LFA.ITERS", opts, 0)
+        if not iters:
+            table = _config_value("LFA", row.config, "TRAINER.LFA.ITERS_PER_DATASET", opts, {}) or {}
+            name = _dataset_cfg_name(dataset_cfg_name)
+            iters = table.get(name, _config_value("LFA", row.config, "TRAINER.LFA.DEFAULT_ITERS", opts, 50))
+        return int(iters), classes
+    epochs = int(_config_value(row.trainer, row.config, "OPTIM.MAX_EPOCH", opts))
+    batch = int(_config_value(row.trainer, row.config, "DATALOADER.TRAIN_X.BATCH_SIZE", opts))
+    per_epoch = images // batch if images >= batch else 1  # engine/data.py: drop_last when >= one batch
+    return epochs * per_epoch, classes
+
+
+@functools.lru_cache(maxsize=None)
+def _dataset_cfg_name(config):
+    with open(REPO / "configs" / "datasets" / f"{config}.yaml") as f:
+        return (yaml.safe_load(f) or {}).get("DATASET", {}).get("NAME", config)
+
+
+@dataclass
+class Plan:
+    spec: object
+    output: str
+    units: list             # what to run: one unit per training folder
+    members: list = None    # what the table reads: one unit per (row, setting, seed[, dataset]); two rows that
+                            # are the same run (a sweep's default and the main row) share the folder
+
+    def steps(self):
+        return [s for u in self.units for s in u.steps]
+
+    def states(self):
+        return {u.key: u.state() for u in self.units}
+
+    def totals(self, step_times=None):
+        """Counts for --dry-run: runs, training runs, training steps, GPU-hours (when step times are given)."""
+        states = self.states()
+        run_states = [s.state() for s in self.steps()]
+        out = {"units": len(self.units), "training_runs": len(self.units),
+               "eval_runs": sum(len(u.steps) - 1 for u in self.units),
+               "runs": sum(len(u.steps) for u in self.units),
+               "training_steps": sum(u.train_steps or 0 for u in self.units),
+               "runs_without_estimate": sum(u.train_steps is None for u in self.units),
+               "by_state": {s: sum(1 for v in states.values() if v == s)
+                            for s in ("done", "running", "partial", "missing")},
+               "runs_by_state": {s: run_states.count(s) for s in ("done", "running", "partial", "missing")}}
+        out["training_steps_left"] = sum(u.train_steps or 0 for u in self.units if states[u.key] != "done")
+        if step_times is not None:
+            hours, missing = 0.0, set()
+            for u in self.units:
+                ms = step_ms(step_times, u.row.trainer, u.row.config, u.train_classes)
+                if ms is None or u.train_steps is None:
+                    if u.train_steps or u.train_steps is None:
+                        missing.add(u.row.trainer)
+                    continue
+                hours += u.train_steps * ms / 3.6e6
+            out["gpu_hours"] = hours
+            out["gpu_hours_missing_trainers"] = sorted(missing)
+        return out
+
+
+def build_plan(spec, output="output", data_root="data", extra_opts=()):
+    """Every unit of ``spec`` under ``output`` (nothing is read or written but the configs)."""
+    extra_opts = list(extra_opts or [])
+    if len(extra_opts) % 2:
+        raise SpecError(f"--opts must be KEY VALUE pairs, got {extra_opts}")
+    out = os.path.abspath(output)
+    data = os.path.abspath(data_root)
+    cache = os.path.join(out, "cache")
+    units, identities, members = {}, {}, []
+    for setting in spec.settings:
+        exp = experiment(spec, setting)
+        for row in spec.rows:
+            tag = folder_tag(row, spec.opts, extra_opts)
+            common = ["TRAINER.LOSS", row.loss] + list(spec.opts) + list(row.opts) + extra_opts
+            tcfg = str(REPO / "configs" / "trainers" / row.trainer / f"{row.config}.yaml")
+            opts_for_cost = list(spec.opts) + list(row.opts) + extra_opts
+            for seed in spec.seeds:
+                def args(folder, dataset, regime_opts, eval_from=None):
+                    flags = ["--eval-only", "--model-dir", eval_from] if eval_from else []
+                    return (["--root", data, "--seed", str(seed), "--trainer", row.trainer,
+                             "--dataset-config-file", str(REPO / "configs" / "datasets" / f"{dataset.config}.yaml"),
+                             "--config-file", tcfg, "--output-dir", folder] + flags
+                            + ["DATASET.CACHE_DIR", cache] + regime_opts + list(dataset.opts) + common)
+                if spec.b2n:
+                    shots, imb = (100, setting) if spec.regime == "lt_b2n" else (setting, 1)
+                    for ds in spec.datasets:
+                        train_dir = os.path.join(out, exp, "train_base", ds.name, row.trainer, tag, f"seed{seed}")
+                        new_dir = os.path.join(out, exp, "test_new", ds.name, row.trainer, tag, f"seed{seed}")
+                        data_opts = ["DATASET.NUM_SHOTS", str(shots), "DATASET.IMB_FACTOR", str(imb)]
+                        steps = [Step(train_dir, ds.name, args(train_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "base"])),
+                                 Step(new_dir, ds.name, args(new_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "new"], train_dir), True)]
+                        n, classes = estimate_steps(row, ds.config, spec.regime, setting, opts_for_cost)
+                        _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
+                                                     (row.trainer, row.config, row.loss, tuple(sorted(zip(opts_for_cost[0::2], opts_for_cost[1::2]))), ds)))
+                else:
+                    src = spec.source
+                    train_dir = os.path.join(out, f"xd_imb{setting}", "train_all", src.name, row.trainer, tag, f"seed{seed}")
+                    steps = [Step(train_dir, src.name, args(train_dir, src, ["DATASET.NUM_SHOTS", "100", "DATASET.IMB_FACTOR",
+                                                                             str(setting), "DATASET.SUBSAMPLE_CLASSES", "all"]))]
+                    for ds in spec.datasets:
+                        d = os.path.join(out, exp, "test_all", ds.name, row.trainer, tag, f"seed{seed}")
+                        steps.append(Step(d, ds.name, args(d, ds, ["DATASET.SUBSAMPLE_CLASSES", "all"], train_dir), True))
+                    n, classes = estimate_steps(row, src.config, "lt_b2n", setting, opts_for_cost, all_classes=True)
+                    _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
+                                                 (row.trainer, row.config, row.loss, tuple(sorted(zip(opts_for_cost[0::2], opts_for_cost[1::2]))), src)))
+    return Plan(spec, out, list(units.values()), members)
+
+
+def _add(units, identities, members, unit):
+    """Two rows with the same folder must be the same run (e.g. a sweep's default value and the main row)."""
+    other = identities.get(unit.key)
+    if other is not None and other != unit.identity:
+        raise SpecError(f"two different runs map to one folder {unit.key}: {other} vs {unit.identity}")
+    identities[unit.key] = unit.identity
+    units.setdefault(unit.key, unit)
+    members.append(unit)
+
+
+def load_step_times(paths):
+    """Step times from ``python -m tools.bench ... --out FILE`` (one JSON object per bench run: ``trainer``,
+    ``config`` (config file name), ``classes``, ``batch``, ``ms_per_step``, ...). ``paths``: one path or a list;
+    a folder means every ``*.json`` in it; a file may also hold a list of such objects. Returns
+    ``{"device": ..., "entries": [...]}``."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for p in paths:
+        files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".json")) if os.path.isdir(p) else [p]
+    entries = []
+    for path in files:
+        with open(path) as f:
+            data = json.load(f)
+        for e in data if isinstance(data, list) else [data]:
+            if not isinstance(e, dict) or not {"trainer", "ms_per_step"} <= set(e):
+                raise ValueError(f"{path} is not a tools.bench --out file (needs 'trainer' and 'ms_per_step')")
+            e = dict(e)
+            e["config"] = os.path.splitext(os.path.basename(str(e.get("config") or "")))[0]
+            entries.append(e)
+    if not entries:
+        raise ValueError(f"no step times in {', '.join(map(str, paths))}")
+    devices = sorted({str(e.get("device", "?")) for e in entries})
+    return {"device": ", ".join(devices), "entries": entries, "files": files}
+
+
+def step_ms(step_times, trainer, config, classes):
+    """ms per training step for (trainer, config): the entry with the nearest class count; entries without a
+    config match any config of the trainer; None when the file has no entry for the trainer."""
+    entries = [e for e in step_times["entries"] if e.get("trainer") == trainer]
+    exact = [e for e in entries if e.get("config") == config]
+    entries = exact or [e for e in entries if not e.get("config")] or entries
+    if not entries:
+        return None
+    if classes is None:
+        return float(entries[0]["ms_per_step"])
+    best = min(entries, key=lambda e: abs(int(e.get("classes", classes)) - classes))
+    return float(best["ms_per_step"])

@@ -1,0 +1,109 @@
+"""Collect: the ``results.json`` files of a plan's runs -> one value per table cell.
+
+Conventions (tools/collect_results.py, methods.md 1.2): metrics are averaged over seeds first; HM-A / HM-M
+are the harmonic mean of the seed-averaged base and new accuracy / macro-F1. The ``±`` of an HM cell is the
+sample std (ddof=1) over seeds of the per-seed HM (seeds with both a base and a new result); of a plain
+metric, the sample std of that metric. ``hm_mean`` = (HM-A + HM-M) / 2. An average column is the plain mean
+of the per-dataset means (no std) and is empty unless every dataset has a value.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+from engine.metrics import harmonic_mean
+from tools.collect_results import mean_std
+
+AVERAGE = "__average__"
+RESULT_KEYS = {"acc": "accuracy", "f1": "macro_f1", "head_acc": "head_acc", "tail_acc": "tail_acc"}
+
+
+@dataclass
+class Cell:
+    mean: float = None
+    std: float = None
+    n: int = 0            # seeds that contributed
+    of: int = 0           # seeds the spec asks for
+    seeds: list = field(default_factory=list)
+
+
+def _read(folder, eval_key, warn):
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rec = json.load(f)
+    res = (rec.get("results") or {}).get(eval_key)
+    if res is None:
+        warn(f"{path} has no results[{eval_key!r}] (has {sorted(rec.get('results') or {})})")
+    return res
+
+
+def _metric_cell(per_seed, of):
+    values = {s: v for s, v in per_seed.items() if v is not None}
+    m, sd = mean_std(list(values.values()))
+    return Cell(m, sd, len(values), of, sorted(values))
+
+
+def collect(plan, warn=lambda msg: None):
+    """{(setting, row label, group key, metric): Cell} for every cell of the spec's layout (plus head/tail)."""
+    spec = plan.spec
+    of = len(spec.seeds)
+    # raw[(setting, row, dataset)][seed] = {"base": res, "new": res} or {"all": res}
+    raw = {}
+    for u in plan.members or plan.units:
+        for i, step in enumerate(u.steps):
+            res = _read(step.folder, spec.eval_key, warn)
+            if spec.b2n:
+                part = "base" if i == 0 else "new"
+            else:
+                part = "all"
+            raw.setdefault((u.setting, u.row.label, step.dataset), {}).setdefault(u.seed, {})[part] = res
+    cells = {}
+    groups = [g for g, _ in spec.groups() if g != AVERAGE]
+    metrics = _all_metrics(spec)
+    for setting in spec.settings:
+        for row in spec.rows:
+            for g in groups:
+                seeds = raw.get((setting, row.label, g), {})
+                for metric in metrics:
+                    cells[(setting, row.label, g, metric)] = _cell(spec, seeds, metric, of)
+            if spec.average != "none":
+                targets = [d.name for d in spec.datasets]
+                for metric in metrics:
+                    vals = [cells[(setting, row.label, d, metric)].mean for d in targets]
+                    n = min(cells[(setting, row.label, d, metric)].n for d in targets)
+                    cells[(setting, row.label, AVERAGE, metric)] = Cell(
+                        None if any(v is None for v in vals) else sum(vals) / len(vals), None, n, of)
+    return cells
+
+
+def _all_metrics(spec):
+    if spec.b2n:
+        return ["base_acc", "new_acc", "hm_acc", "base_f1", "new_f1", "hm_f1", "hm_mean", "base_head_acc", "base_tail_acc"]
+    return ["acc", "f1", "head_acc", "tail_acc"]
+
+
+def _get(res, key):
+    return None if res is None else res.get(RESULT_KEYS[key])
+
+
+def _cell(spec, seeds, metric, of):
+    if not spec.b2n:
+        return _metric_cell({s: _get(v.get("all"), metric) for s, v in seeds.items()}, of)
+    if metric in ("base_acc", "new_acc", "base_f1", "new_f1", "base_head_acc", "base_tail_acc"):
+        part, key = metric.split("_", 1)
+        return _metric_cell({s: _get(v.get(part), key) for s, v in seeds.items()}, of)
+    keys = {"hm_acc": ["acc"], "hm_f1": ["f1"], "hm_mean": ["acc", "f1"]}[metric]
+    hms = []
+    for key in keys:
+        base = {s: _get(v.get("base"), key) for s, v in seeds.items()}
+        new = {s: _get(v.get("new"), key) for s, v in seeds.items()}
+        mb = mean_std([x for x in base.values() if x is not None])[0]
+        mn = mean_std([x for x in new.values() if x is not None])[0]
+        paired = {s: harmonic_mean(base[s], new[s]) for s in seeds if base[s] is not None and new[s] is not None}
+        hms.append((harmonic_mean(mb, mn) if mb is not None and mn is not None else None, paired))
+    if any(h is None for h, _ in hms):
+        return Cell(None, None, 0, of)
+    common = sorted(set.intersection(*[set(p) for _, p in hms]))
+    per_seed = [sum(p[s] for _, p in hms) / len(hms) for s in common]
+    return Cell(sum(h for h, _ in hms) / len(hms), mean_std(per_seed)[1], len(common), of, common)

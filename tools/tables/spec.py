@@ -1,0 +1,293 @@
+"""Table specs: one YAML file per paper table / figure (``configs/tables/<name>.yaml``).
+
+A spec names the runs a table needs and how the table is laid out; the planner, the launcher and the
+renderer all read the same object, so a table and the runs behind it cannot drift apart. Keys::
+
+    name: table1                  # defaults to the file name
+    title: "Table 1: ..."
+    base: other.yaml              # optional: start from another spec (same folder), then override keys
+    regime: lt_b2n                # lt_b2n | fewshot | xd | dg
+    settings: [10, 20, 50]        # lt_b2n: imbalance factors; fewshot: shots; xd/dg: source imbalance factor
+    seeds: [1, 2, 3, 4, 5]
+    datasets: [caltech101, ...]   # b2n: the datasets; xd/dg: the targets. An entry may be a mapping
+                                  # {name, config, opts}: folder name, configs/datasets/<config>.yaml, KEY VALUE opts
+                                  # (dataset opts are not in the folder name: give such a dataset its own name)
+    source: imagenet              # xd/dg only
+    opts: []                      # KEY VALUE opts for every run (they become part of every run folder's name)
+    eval_key: test                # which entry of results.json's "results" the cells read
+    methods:                      # the table's rows (each variant of a method is a row)
+      - {label: CoOp+LA, trainer: CoOp, config: vit_b16_ep50_ctxv1, loss: la}
+      - label: LAMP
+        trainer: LAMP
+        config: vit_b16_lt_b2n
+        opts: []                  # KEY VALUE opts of this method (part of its folder name)
+        variants: [{label: MPP, opts: [TRAINER.LAMP.USE_MSP, "False"]}]
+        sweep: [{name: beta, key: TRAINER.LAMP.BETA, values: [0.0, 2.0], default: 2.0}]
+    layout:
+      metrics: [hm_acc, hm_f1]    # see METRICS
+      metric_labels: {hm_acc: HM}
+      average: last               # last | first | none: the mean over datasets (xd: over targets, w/o source)
+      average_label: Average
+      source_column: true         # xd/dg: the source dataset's own test as the first column group
+      blocks: auto                # auto (one block per setting when there are several) | settings | none
+    paper: table1_paper.csv       # the paper's numbers, next to the spec
+    plot: {kind: bars}            # bars (Fig. 1) | sweep (Fig. 3) | none
+
+A variant whose opts are empty (e.g. the default value of a sweep axis, ``default:``) uses the plain config
+folder, so it is the very run the main tables use.
+"""
+import functools
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from engine.cli import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC_DIR = REPO / "configs" / "tables"
+REGIMES = ("lt_b2n", "fewshot", "xd", "dg")
+B2N_METRICS = ("base_acc", "new_acc", "hm_acc", "base_f1", "new_f1", "hm_f1", "hm_mean",
+               "base_head_acc", "base_tail_acc")
+ALL_METRICS = ("acc", "f1", "head_acc", "tail_acc")
+METRIC_LABELS = {"base_acc": "Base", "new_acc": "New", "hm_acc": "HM-A", "base_f1": "Base F1", "new_f1": "New F1",
+                 "hm_f1": "HM-M", "hm_mean": "Avg.", "base_head_acc": "Head", "base_tail_acc": "Tail",
+                 "acc": "Acc.", "f1": "Mac.", "head_acc": "Head", "tail_acc": "Tail"}
+SPEC_KEYS = {"name", "title", "base", "regime", "settings", "seeds", "datasets", "source", "opts", "eval_key",
+             "methods", "layout", "paper", "plot", "notes"}
+LAYOUT_KEYS = {"metrics", "metric_labels", "average", "average_label", "source_column", "blocks"}
+METHOD_KEYS = {"label", "trainer", "config", "loss", "opts", "variants", "sweep"}
+
+
+class SpecError(UserError):
+    """A table spec that cannot be used (unknown key, missing field, bad value)."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str            # folder name and column key
+    config: str          # configs/datasets/<config>.yaml
+    opts: tuple = ()     # extra KEY VALUE opts of this dataset
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a method (trainer, config, loss) with one variant (extra opts)."""
+    label: str
+    method: str          # the method's label (rows of one method share it)
+    trainer: str
+    config: str
+    loss: str
+    opts: tuple          # method opts + variant opts (the variant part of the folder name)
+    axes: tuple = ()     # ((axis name, value label), ...) for sweeps
+
+
+@dataclass
+class Spec:
+    name: str
+    title: str
+    regime: str
+    settings: list
+    seeds: list
+    datasets: list
+    rows: list
+    source: Dataset = None
+    opts: tuple = ()
+    eval_key: str = "test"
+    metrics: list = field(default_factory=list)
+    metric_labels: dict = field(default_factory=dict)
+    average: str = "last"
+    average_label: str = "Average"
+    source_column: bool = False
+    blocks: bool = False
+    paper: Path = None
+    plot: dict = field(default_factory=dict)
+    path: Path = None
+
+    @property
+    def b2n(self):
+        return self.regime in ("lt_b2n", "fewshot")
+
+    def metric_label(self, metric):
+        return self.metric_labels.get(metric, METRIC_LABELS[metric])
+
+    def groups(self):
+        """Column groups in order: [(key, label)], key a dataset name or '__average__'."""
+        info = dataset_info()
+        groups = [(d.name, info.get(d.name, {}).get("label", d.name)) for d in self.datasets]
+        if self.source_column and self.source is not None:
+            label = info.get(self.source.name, {}).get("label", self.source.name) + " (Source)"
+            groups.insert(0, (self.source.name, label))
+        avg = ("__average__", self.average_label)
+        if self.average == "first":
+            groups.insert(1 if self.source_column else 0, avg)
+        elif self.average == "last":
+            groups.append(avg)
+        return groups
+
+    def block_keys(self):
+        """One block of rows per setting (a spec without blocks has exactly one setting)."""
+        return list(self.settings)
+
+
+@functools.lru_cache(maxsize=None)
+def dataset_info():
+    with open(SPEC_DIR / "datasets.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def _opts(value, where):
+    value = list(value or [])
+    if len(value) % 2:
+        raise SpecError(f"{where}: opts must be KEY VALUE pairs, got {value}")
+    return tuple(str(v) for v in value)
+
+
+def _dataset(entry, where):
+    if isinstance(entry, str):
+        return Dataset(entry, entry)
+    if isinstance(entry, dict) and "name" in entry:
+        unknown = set(entry) - {"name", "config", "opts"}
+        if unknown:
+            raise SpecError(f"{where}: unknown dataset key(s) {sorted(unknown)}")
+        return Dataset(str(entry["name"]), str(entry.get("config", entry["name"])), _opts(entry.get("opts"), where))
+    raise SpecError(f"{where}: a dataset is a name or a mapping with 'name', got {entry!r}")
+
+
+def _value_label(value):
+    if isinstance(value, dict):
+        return str(value["label"]), str(value["value"])
+    return str(value), str(value)
+
+
+def _rows(method, where):
+    unknown = set(method) - METHOD_KEYS
+    if unknown:
+        raise SpecError(f"{where}: unknown method key(s) {sorted(unknown)} (known: {sorted(METHOD_KEYS)})")
+    for key in ("trainer", "config"):
+        if not method.get(key):
+            raise SpecError(f"{where}: a method needs '{key}'")
+    label = str(method.get("label", method["trainer"]))
+    loss = str(method.get("loss", "ce"))
+    if loss not in ("ce", "la"):
+        raise SpecError(f"{where}: loss must be ce or la, got {loss!r}")
+    base_opts = _opts(method.get("opts"), where)
+    variants = []
+    for v in method.get("variants") or []:
+        variants.append((str(v.get("label", "")), _opts(v.get("opts"), where), ()))
+    if method.get("sweep"):
+        axes = method["sweep"]
+        for axis in axes:
+            if not {"name", "key", "values"} <= set(axis):
+                raise SpecError(f"{where}: a sweep axis needs name, key and values, got {axis}")
+        for combo in itertools.product(*[axis["values"] for axis in axes]):
+            opts, labels = [], []
+            for axis, value in zip(axes, combo):
+                vlabel, vvalue = _value_label(value)
+                default = axis.get("default")
+                if default is None or _value_label(default)[1] != vvalue:
+                    opts += [str(axis["key"]), vvalue]
+                labels.append((str(axis["name"]), vlabel))
+            text = ", ".join(f"{n}={v}" for n, v in labels) if len(labels) > 1 else labels[0][1]
+            variants.append((text, tuple(opts), tuple(labels)))
+    if not variants:
+        variants = [("", (), ())]
+    rows = []
+    for vlabel, vopts, axes in variants:
+        row_label = " ".join(x for x in (label, vlabel) if x) or method["trainer"]
+        rows.append(Row(row_label, label, str(method["trainer"]), str(method["config"]), loss,
+                        base_opts + vopts, axes))
+    return rows
+
+
+def load_spec(path_or_name, overrides=None):
+    """Read a spec by path or by name (``configs/tables/<name>.yaml``); ``overrides`` replace top-level keys
+    (handy for a small ad-hoc spec, e.g. ``{"seeds": [1]}``). A dict is accepted as the spec itself."""
+    if isinstance(path_or_name, dict):
+        raw, path = dict(path_or_name), None
+    else:
+        path = Path(path_or_name)
+        if not path.suffix:
+            path = SPEC_DIR / f"{path_or_name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in SPEC_DIR.glob("*.yaml") if p.stem != "datasets")
+            raise SpecError(f"no table spec {path} (known: {' '.join(known)})")
+        raw = _read_with_base(path)
+    raw.update(overrides or {})
+    return build_spec(raw, path)
+
+
+def _read_with_base(path, depth=0):
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec is a mapping")
+    if raw.get("base"):
+        if depth > 3:
+            raise SpecError(f"{path}: 'base' chain too deep")
+        merged = _read_with_base(path.parent / raw["base"], depth + 1)
+        merged.pop("name", None)
+        merged.pop("paper", None)
+        merged.update({k: v for k, v in raw.items() if k != "base"})
+        return merged
+    return raw
+
+
+def build_spec(raw, path=None):
+    where = str(path or raw.get("name", "spec"))
+    unknown = set(raw) - SPEC_KEYS
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
+    regime = raw.get("regime")
+    if regime not in REGIMES:
+        raise SpecError(f"{where}: regime must be one of {REGIMES}, got {regime!r}")
+    for key in ("settings", "seeds", "datasets", "methods"):
+        if not raw.get(key):
+            raise SpecError(f"{where}: '{key}' is missing or empty")
+    layout = dict(raw.get("layout") or {})
+    unknown = set(layout) - LAYOUT_KEYS
+    if unknown:
+        raise SpecError(f"{where}: unknown layout key(s) {sorted(unknown)} (known: {sorted(LAYOUT_KEYS)})")
+    allowed = B2N_METRICS if regime in ("lt_b2n", "fewshot") else ALL_METRICS
+    metrics = list(layout.get("metrics") or (["hm_acc", "hm_f1"] if regime in ("lt_b2n", "fewshot") else ["acc", "f1"]))
+    bad = [m for m in metrics if m not in allowed]
+    if bad:
+        raise SpecError(f"{where}: metric(s) {bad} not available for regime {regime} (choose from {allowed})")
+    average = str(layout.get("average", "last"))
+    if average not in ("first", "last", "none"):
+        raise SpecError(f"{where}: layout.average must be first, last or none, got {average!r}")
+    blocks = layout.get("blocks", "auto")
+    if blocks not in ("auto", "settings", "none"):
+        raise SpecError(f"{where}: layout.blocks must be auto, settings or none, got {blocks!r}")
+    settings = [int(s) for s in raw["settings"]]
+    if blocks == "none" and len(settings) != 1:
+        raise SpecError(f"{where}: layout.blocks none needs exactly one setting, got {settings}")
+    source = None
+    if regime in ("xd", "dg"):
+        source = _dataset(raw.get("source", "imagenet"), where)
+    rows = []
+    for i, method in enumerate(raw["methods"]):
+        rows += _rows(method, f"{where}: methods[{i}]")
+    labels = [r.label for r in rows]
+    dup = sorted({l for l in labels if labels.count(l) > 1})
+    if dup:
+        raise SpecError(f"{where}: duplicate row label(s) {dup}")
+    datasets = [_dataset(d, f"{where}: datasets") for d in raw["datasets"]]
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where}: duplicate dataset(s) in {names}")
+    paper = raw.get("paper")
+    if paper:
+        paper = (path.parent if path else SPEC_DIR) / paper
+    return Spec(
+        name=str(raw.get("name") or (path.stem if path else "table")),
+        title=str(raw.get("title", "")),
+        regime=regime, settings=settings, seeds=[int(s) for s in raw["seeds"]], datasets=datasets, rows=rows,
+        source=source, opts=_opts(raw.get("opts"), where), eval_key=str(raw.get("eval_key", "test")),
+        metrics=metrics, metric_labels=dict(layout.get("metric_labels") or {}), average=average,
+        average_label=str(layout.get("average_label", "Average")),
+        source_column=bool(layout.get("source_column", regime in ("xd", "dg"))),
+        blocks=(blocks == "settings") or (blocks == "auto" and len(settings) > 1),
+        paper=paper, plot=dict(raw.get("plot") or {}), path=path,
+    )
