@@ -359,8 +359,9 @@ def test_sweep_and_expert_load_plots(tmp_path):
                       "layout": {"metrics": ["hm_acc", "hm_f1"], "average": "none"}, "plot": {"kind": "sweep"}})
     plan = build_plan(spec, tmp_path)
     assert len(spec.rows) == 4 + 3 and len(plan.units) == 7 * 2
-    diag = {str(l): {"min": 0.02, "max": 0.1, "entropy": 2.9, "max_entropy": 2.995732, "bias_min": -1e-3,
-                     "bias_max": 1e-3} for l in range(3, 13)}
+    freq = [0.02] * 10 + [0.08] * 10  # per pool entry (sums to 1), as trainers/lamp.py records it
+    diag = {str(l): {"freq": freq, "min": 0.02, "max": 0.08, "entropy": 2.9, "max_entropy": 2.995732,
+                     "bias_min": -1e-3, "bias_max": 1e-3} for l in range(3, 13)}
     for i, u in enumerate(plan.units):
         _write_result(u.steps[0].folder, "base", 50 + i, 40 + i, u.seed, head=60, tail=45)
         _write_result(u.steps[1].folder, "new", 55 + i, 45, u.seed)
@@ -374,7 +375,7 @@ def test_sweep_and_expert_load_plots(tmp_path):
     assert Image.open(tmp_path / "plots/fig.png").size == (1000, 400)
     assert Image.open(tmp_path / "plots/fig_head_tail.png").size == (1000, 400)
     load_png = next(p for p in paths if p.name.startswith("fig_load_") and p.suffix == ".png")
-    assert Image.open(load_png).size == (400, 400)
+    assert Image.open(load_png).size == (600, 400)  # layers x pool entries
     for p in paths:
         img = Image.open(p) if p.suffix == ".png" else None
         assert p.stat().st_size > 1000

@@ -204,7 +204,8 @@ class LampPrompts(nn.Module):
             p = layer.load / layer.load.sum().clamp_min(1e-12)
             entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
             bias = layer.bias_new if use_new_bias else layer.bias
-            out[str(l)] = {"min": float(p.min()), "max": float(p.max()), "entropy": entropy,
+            out[str(l)] = {"freq": [round(float(v), 6) for v in p], "min": float(p.min()), "max": float(p.max()),
+                           "entropy": entropy,
                            "max_entropy": math.log(self.cfg.POOL_SIZE),
                            "bias_min": float(bias.min()), "bias_max": float(bias.max())}
         return out

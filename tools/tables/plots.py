@@ -115,8 +115,9 @@ STATS = ("min", "max", "entropy")
 
 def plot_expert_load(plan, out_dir):
     """One heatmap per LAMP run folder with ``load_diagnostics`` in its results.json (first seed of each
-    row / dataset / setting): rows = LAMP layers, columns = min / max selection frequency x M and
-    entropy / log M (1 = perfectly balanced)."""
+    row / dataset / setting): rows = LAMP layers, columns = the pool entries, colour = selection frequency
+    x M (1 = its fair share) in the last training epoch. Older results without per-entry frequencies give
+    min / max frequency x M and entropy / log M instead."""
     paths = []
     seen = set()
     for u in plan.members or plan.units:
@@ -131,17 +132,24 @@ def plot_expert_load(plan, out_dir):
             continue
         seen.add((u.setting, u.row.label))
         layers = sorted(diag, key=int)
+        per_entry = all("freq" in diag[l] for l in layers)
         data = []
         for l in layers:
             d = diag[l]
             m = max(1.0, round(2.718281828 ** d["max_entropy"]))
-            data.append([d["min"] * m, d["max"] * m, d["entropy"] / d["max_entropy"] if d["max_entropy"] else 0.0])
-        fig, ax = plt.subplots(figsize=(4, 4))
+            if per_entry:
+                data.append([f * m for f in d["freq"]])
+            else:
+                data.append([d["min"] * m, d["max"] * m, d["entropy"] / d["max_entropy"] if d["max_entropy"] else 0.0])
+        fig, ax = plt.subplots(figsize=(6 if per_entry else 4, 4))
         im = ax.imshow(data, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(layers)))
         ax.set_yticklabels([f"L{l}" for l in layers])
-        ax.set_xticks(range(3))
-        ax.set_xticklabels(["min x M", "max x M", "H / log M"])
+        if per_entry:
+            ax.set_xlabel("pool entry (colour: selection frequency x M)")
+        else:
+            ax.set_xticks(range(3))
+            ax.set_xticklabels(["min x M", "max x M", "H / log M"])
         ax.set_title(f"{u.row.label} {u.steps[0].dataset} seed{u.seed}", fontsize=8)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
