@@ -24,6 +24,11 @@ WARMUP_TYPES = ("constant", "linear")
 SUBSAMPLE_CHOICES = ("all", "base", "new")
 IMB_PROFILES = ("exp", "step")
 LOSSES = ("ce", "la")
+# Names of INPUT.TRANSFORMS understood by engine/data.py (the ones CoOp / CoCoOp / MaPLe configs use, plus a
+# few common Dassl ones).
+KNOWN_TRANSFORMS = ("random_resized_crop", "random_crop", "random_flip", "center_crop", "normalize",
+                    "colorjitter", "randomgrayscale", "gaussian_blur")
+INTERPOLATION_NAMES = ("bilinear", "bicubic", "nearest")
 
 _CONFIG_EXTENSIONS = []
 
@@ -344,7 +349,49 @@ def validate_cfg(cfg):
         if value not in choices:
             raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
 
-    d, o = cfg.DATASET, cfg.OPTIM
+    def at_least(key, value, low):
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+    def between(key, value, low, high, what):
+        if not low <= value <= high:
+            raise ConfigError(f"{key} must be {what}, got {value}")
+
+    d, o, inp = cfg.DATASET, cfg.OPTIM, cfg.INPUT
+    if d.NUM_SHOTS == 0 or d.NUM_SHOTS < -1:
+        raise ConfigError(f"DATASET.NUM_SHOTS must be >= 1 (the per-class cap) or -1 (all images), got {d.NUM_SHOTS}")
+    size = inp.SIZE
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ConfigError(f"INPUT.SIZE must be two positive integers (height, width), e.g. \"(224, 224)\", "
+                          f"got {tuple(size)!r}")
+    choice("INPUT.INTERPOLATION", inp.INTERPOLATION, INTERPOLATION_NAMES)
+    unknown = [t for t in inp.TRANSFORMS if t not in KNOWN_TRANSFORMS]
+    if unknown:
+        raise ConfigError(f"unknown INPUT.TRANSFORMS {unknown}; supported: {list(KNOWN_TRANSFORMS)}")
+    scale = tuple(inp.RRCROP_SCALE)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"INPUT.RRCROP_SCALE must be (low, high) with 0 < low <= high <= 1, got {scale}")
+    for key in ("PIXEL_MEAN", "PIXEL_STD"):
+        if len(inp[key]) != 3:
+            raise ConfigError(f"INPUT.{key} must have 3 values (R, G, B), got {list(inp[key])}")
+    if min(inp.PIXEL_STD) <= 0:
+        raise ConfigError(f"INPUT.PIXEL_STD must be > 0, got {list(inp.PIXEL_STD)}")
+    if o.LR <= 0:
+        raise ConfigError(f"OPTIM.LR must be > 0, got {o.LR}")
+    at_least("OPTIM.WEIGHT_DECAY", o.WEIGHT_DECAY, 0)
+    for key in ("MOMENTUM", "ADAM_BETA1", "ADAM_BETA2", "RMSPROP_ALPHA"):
+        if not 0 <= o[key] < 1:
+            raise ConfigError(f"OPTIM.{key} must be in [0, 1), got {o[key]}")
+    if o.ADAM_EPS <= 0:
+        raise ConfigError(f"OPTIM.ADAM_EPS must be > 0, got {o.ADAM_EPS}")
+    if o.GAMMA <= 0:
+        raise ConfigError(f"OPTIM.GAMMA must be > 0, got {o.GAMMA}")
+    at_least("OPTIM.WARMUP_CONS_LR", o.WARMUP_CONS_LR, 0)
+    at_least("OPTIM.WARMUP_MIN_LR", o.WARMUP_MIN_LR, 0)
+    at_least("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, 0)
+    at_least("TRAIN.PRINT_FREQ", cfg.TRAIN.PRINT_FREQ, 1)
+    at_least("TRAIN.CHECKPOINT_FREQ", cfg.TRAIN.CHECKPOINT_FREQ, 0)
+    between("DATASET.VAL_PERCENT", d.VAL_PERCENT, 0, 1, "in [0, 1]")
     if d.IMB_FACTOR < 1:
         raise ConfigError(
             f"DATASET.IMB_FACTOR must be >= 1, got {d.IMB_FACTOR}: it is the imbalance ratio "
