@@ -22,6 +22,7 @@ import sys
 from tabulate import tabulate
 
 from engine.checkpoint import atomic_write_text
+from engine.cli import run_cli
 from engine.metrics import harmonic_mean
 
 SPLITS = ("base", "new", "all")
@@ -282,4 +283,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
