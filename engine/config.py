@@ -10,6 +10,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+import sys
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -31,6 +32,7 @@ KNOWN_TRANSFORMS = ("random_resized_crop", "random_crop", "random_flip", "center
 INTERPOLATION_NAMES = ("bilinear", "bicubic", "nearest")
 
 _CONFIG_EXTENSIONS = []
+_CONFIG_ALIASES = []  # (old key or section, new key or section, trainer name or None)
 
 
 class ConfigError(UserError, ValueError):
@@ -42,6 +44,49 @@ def register_config(fn):
     if fn not in _CONFIG_EXTENSIONS:
         _CONFIG_EXTENSIONS.append(fn)
     return fn
+
+
+def register_config_alias(mapping, trainer=None):
+    """Accept an official code's key names for ours: ``{"TRAINER.MMADAPTER": "TRAINER.MMA"}`` maps a section
+    (every key under it), ``{"TRAINER.COOP.W": "TRAINER.TCP.KG_WEIGHT"}`` one key. With ``trainer`` the
+    mapping applies only to runs of that trainer. Each mapped key is reported by a one-line notice."""
+    for old, new in mapping.items():
+        entry = (old, new, trainer)
+        if entry not in _CONFIG_ALIASES:
+            _CONFIG_ALIASES.append(entry)
+
+
+def _aliased(full_key, source, trainer):
+    for old, new, only in _CONFIG_ALIASES:
+        if (only is None or only == trainer) and (full_key == old or full_key.startswith(old + ".")):
+            mapped = new + full_key[len(old):]
+            print(f"note: config key {full_key} (from {source}) is read as {mapped}", file=sys.stderr)
+            return mapped
+    return full_key
+
+
+def _flatten(data, prefix=""):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _apply_aliases(data, source, trainer):
+    """The nested mapping ``data`` with aliased keys renamed (order kept)."""
+    if not _CONFIG_ALIASES:
+        return data
+    out = {}
+    for full_key, value in _flatten(data):
+        node = out
+        parts = _aliased(full_key, source, trainer).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {full_key} (from {source}) clashes with a value at {part}")
+        node[parts[-1]] = value
+    return out
 
 
 def _base_defaults():
@@ -210,6 +255,10 @@ def _coerce(value, default, key, source):
         return type(default)(value)
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, str) and value is False:
+        # Dassl configs write "no init phrase" as False (e.g. TCP's CTX_INIT: False); the code tests truthiness.
+        print(f"note: config key {key} (from {source}) False is read as \"\" (empty)", file=sys.stderr)
+        return ""
     raise ConfigError(
         f"type mismatch for config key {key} (from {source}): expected {type(default).__name__}, "
         f"got {value!r} ({type(value).__name__})"
@@ -251,8 +300,9 @@ def _merge_dict(node, data, source, prefix=""):
             node[key] = _coerce(_decode(value), current, full_key, source)
 
 
-def merge_from_file(cfg, path):
-    """Merge a yaml file into ``cfg``; errors name the file and the full dotted key."""
+def merge_from_file(cfg, path, trainer=None):
+    """Merge a yaml file into ``cfg``; errors name the file and the full dotted key. Keys of official configs
+    registered with ``register_config_alias`` are renamed first (``trainer``: the run's trainer name)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
@@ -264,11 +314,13 @@ def merge_from_file(cfg, path):
         return cfg
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    _merge_dict(cfg, data, path)
+    if trainer is None and isinstance(data.get("TRAINER"), dict):
+        trainer = data["TRAINER"].get("NAME")
+    _merge_dict(cfg, _apply_aliases(data, path, trainer or cfg.TRAINER.NAME), path)
     return cfg
 
 
-def merge_from_list(cfg, opts, source="command line opts"):
+def merge_from_list(cfg, opts, source="command line opts", trainer=None):
     """Merge trailing ``KEY VALUE`` pairs (e.g. ``OPTIM.LR 0.01``)."""
     opts = list(opts or [])
     if len(opts) % 2 != 0:
@@ -276,6 +328,7 @@ def merge_from_list(cfg, opts, source="command line opts"):
             f"{source} must be KEY VALUE pairs, got an odd number of items ({len(opts)}): {opts}"
         )
     for full_key, value in zip(opts[0::2], opts[1::2]):
+        full_key = _aliased(str(full_key), source, trainer or cfg.TRAINER.NAME)
         parts = str(full_key).split(".")
         node = cfg
         for i, part in enumerate(parts):
@@ -310,10 +363,11 @@ def build_cfg(args):
     def arg(name):
         return getattr(args, name, None)
 
+    trainer = arg("trainer") or None
     if arg("dataset_config_file"):
-        merge_from_file(cfg, arg("dataset_config_file"))
+        merge_from_file(cfg, arg("dataset_config_file"), trainer)
     if arg("config_file"):
-        merge_from_file(cfg, arg("config_file"))
+        merge_from_file(cfg, arg("config_file"), trainer)
 
     if arg("root"):
         cfg.DATASET.ROOT = arg("root")
@@ -336,7 +390,7 @@ def build_cfg(args):
     if arg("transforms"):
         cfg.INPUT.TRANSFORMS = tuple(arg("transforms"))
 
-    merge_from_list(cfg, arg("opts"))
+    merge_from_list(cfg, arg("opts"), trainer=trainer)
     validate_cfg(cfg)
     cfg.freeze()
     return cfg
