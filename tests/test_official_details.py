@@ -87,3 +87,16 @@ def test_coop_csc_with_init_phrase_is_refused_and_length_counts_words(tiny):
     assert torch.equal(learner.ctx.detach(), tiny.token_embedding(tiny.tokenize([phrase]))[0, 1:5].float())
     # the phrase's remaining tokens stay as fixed text after the context
     assert torch.equal(learner.tokens, tiny.tokenize([f"{phrase} {n}." for n in NAMES]))
+
+
+@pytest.mark.parametrize("dataset", ["ImageNet", "ImageNetSketch", "ImageNetV2", "ImageNetA", "ImageNetR"])
+def test_lfa_imagenet_uses_the_official_8_template_ensemble(tiny, dataset):
+    from trainers.lfa import IMAGENET_TEMPLATES, lfa_text_features
+    assert len(IMAGENET_TEMPLATES) == 8 and "itap of a {}." in IMAGENET_TEMPLATES
+    per_template = [frozen_text_features(tiny, t, NAMES) for t in IMAGENET_TEMPLATES]
+    expected = torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)
+    got = lfa_text_features(tiny, dataset, "a photo of a {}.", NAMES)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, per_template[0], atol=1e-3)  # not the single template
+    single = lfa_text_features(tiny, "Caltech101", "a photo of a {}.", NAMES)
+    assert torch.allclose(single, per_template[0], atol=1e-6)
