@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from engine.cli import UserError
 from engine.config import ConfigError
 from engine.checkpoint import atomic_write_text
 from lt_sampling.manifest import build_manifest, canonical_json
@@ -31,6 +32,10 @@ DATASETS_HINT = ("see the 'Datasets' section of README.md (docs/DATASETS.md) for
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset folder or file that should exist under DATASET.ROOT is missing."""
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset whose files are there but cannot be used as they are (malformed split, empty class)."""
 
 
 @dataclass(slots=True)
@@ -89,10 +94,14 @@ class DatasetBase:
         train, val, test = self.read_data()
         if shots > 0:
             train, val = self.cached_cap(train, val, shots, seed)
-        result = apply_protocol(
-            train, val, test, seed=seed, subsample=d.SUBSAMPLE_CLASSES, imb_factor=imb_factor,
-            profile=d.IMB_PROFILE, step_head_fraction=d.STEP_HEAD_FRACTION, head_fraction=d.HEAD_FRACTION,
-        )
+        try:
+            result = apply_protocol(
+                train, val, test, seed=seed, subsample=d.SUBSAMPLE_CLASSES, imb_factor=imb_factor,
+                profile=d.IMB_PROFILE, step_head_fraction=d.STEP_HEAD_FRACTION, head_fraction=d.HEAD_FRACTION,
+                require_train=not self.test_only,
+            )
+        except ValueError as err:
+            raise DatasetError(f"{type(self).__name__} ({self.split_path or self.dataset_dir}): {err}") from err
         if self.test_only:
             result.train = result.test
         self.train_x, self.val, self.test = result.train, result.val, result.test
@@ -120,6 +129,9 @@ class DatasetBase:
     def locate(self, root, cache_dir):
         """Set ``root``, ``dataset_dir``, ``image_dir``, ``split_path``, ``cache_dir`` and check that the
         dataset folder and every file ``required_paths`` names exist."""
+        if not str(root).strip():
+            raise ConfigError(f"no datasets folder given for {type(self).__name__}: pass --root DATA (the folder "
+                              f"holding all datasets; DATASET.ROOT in a config); {DATASETS_HINT}")
         self.root = os.path.abspath(os.path.expanduser(root))
         self.dataset_dir = os.path.join(self.root, type(self).dataset_dir)
         self.image_dir = os.path.normpath(os.path.join(self.dataset_dir, type(self).image_dir))
@@ -165,9 +177,10 @@ class DatasetBase:
                  for impath, label, cname in split[key]]
                 for key in ("train", "val", "test")
             )
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"malformed split file {filepath}: expected a JSON object with 'train', 'val' "
-                             f"and 'test' lists of [impath, label, classname] ({err})") from err
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            what = f"missing key {err}" if isinstance(err, KeyError) else " ".join(str(err).split())
+            raise DatasetError(f"malformed split file {filepath}: expected a JSON object with 'train', 'val' "
+                               f"and 'test' lists of [impath, label, classname] ({what})") from err
 
     subsample_classes = staticmethod(subsample_classes)  # CoOp's name: base/new split with relabelling
 

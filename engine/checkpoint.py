@@ -7,6 +7,12 @@ import json
 import os
 import tempfile
 
+from engine.cli import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not ours)."""
+
 
 def _fsync_dir(directory):
     """Persist the rename itself (best effort; not supported on every platform)."""
@@ -66,3 +72,24 @@ def atomic_write_json(obj, path, indent=2):
 def atomic_write_text(text, path):
     """Write a string atomically."""
     return _atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """``torch.load`` of a checkpoint this harness wrote; a truncated or corrupt file is a
+    ``CheckpointError`` naming it and saying what to do."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, AttributeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({' '.join(str(err).split())[:160]}); delete it to "
+            f"resume from the previous epoch's checkpoint (or from scratch), or point --model-dir / "
+            f"--load-epoch at an intact one") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this harness (no 'state_dict'); delete it or "
+                              f"point --model-dir at a run folder of train.py")
+    return ckpt

@@ -29,13 +29,17 @@ def debug_requested(argv=None):
 
 def one_line(err):
     text = str(err).strip() or type(err).__name__
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own message
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
     if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
     return " ".join(text.split())
 
 
-def run_cli(main, argv=None):
-    """Call ``main(argv)`` (``--debug`` removed) and exit with its code; expected errors -> one line, exit 2."""
+def call_cli(main, argv=None):
+    """Call ``main(argv)`` (``--debug`` removed) and return its exit code; expected errors are printed as
+    one line and give 2 (in-process callers and tests use this; ``run_cli`` exits with the code)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
@@ -46,7 +50,14 @@ def run_cli(main, argv=None):
             raise
         print(f"error: {one_line(err)}  (rerun with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         code = 2
+    return code or 0
+
+
+def run_cli(main, argv=None):
+    """Call ``main(argv)`` (``--debug`` removed) and exit with its code; expected errors -> one line, exit 2."""
+    try:
+        code = call_cli(main, argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    sys.exit(code or 0)
+    sys.exit(code)

@@ -10,6 +10,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+import sys
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -24,8 +25,14 @@ WARMUP_TYPES = ("constant", "linear")
 SUBSAMPLE_CHOICES = ("all", "base", "new")
 IMB_PROFILES = ("exp", "step")
 LOSSES = ("ce", "la")
+# Names of INPUT.TRANSFORMS understood by engine/data.py (the ones CoOp / CoCoOp / MaPLe configs use, plus a
+# few common Dassl ones).
+KNOWN_TRANSFORMS = ("random_resized_crop", "random_crop", "random_flip", "center_crop", "normalize",
+                    "colorjitter", "randomgrayscale", "gaussian_blur")
+INTERPOLATION_NAMES = ("bilinear", "bicubic", "nearest")
 
 _CONFIG_EXTENSIONS = []
+_CONFIG_ALIASES = []  # (old key or section, new key or section, trainer name or None)
 
 
 class ConfigError(UserError, ValueError):
@@ -37,6 +44,49 @@ def register_config(fn):
     if fn not in _CONFIG_EXTENSIONS:
         _CONFIG_EXTENSIONS.append(fn)
     return fn
+
+
+def register_config_alias(mapping, trainer=None):
+    """Accept an official code's key names for ours: ``{"TRAINER.MMADAPTER": "TRAINER.MMA"}`` maps a section
+    (every key under it), ``{"TRAINER.COOP.W": "TRAINER.TCP.KG_WEIGHT"}`` one key. With ``trainer`` the
+    mapping applies only to runs of that trainer. Each mapped key is reported by a one-line notice."""
+    for old, new in mapping.items():
+        entry = (old, new, trainer)
+        if entry not in _CONFIG_ALIASES:
+            _CONFIG_ALIASES.append(entry)
+
+
+def _aliased(full_key, source, trainer):
+    for old, new, only in _CONFIG_ALIASES:
+        if (only is None or only == trainer) and (full_key == old or full_key.startswith(old + ".")):
+            mapped = new + full_key[len(old):]
+            print(f"note: config key {full_key} (from {source}) is read as {mapped}", file=sys.stderr)
+            return mapped
+    return full_key
+
+
+def _flatten(data, prefix=""):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _apply_aliases(data, source, trainer):
+    """The nested mapping ``data`` with aliased keys renamed (order kept)."""
+    if not _CONFIG_ALIASES:
+        return data
+    out = {}
+    for full_key, value in _flatten(data):
+        node = out
+        parts = _aliased(full_key, source, trainer).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {full_key} (from {source}) clashes with a value at {part}")
+        node[parts[-1]] = value
+    return out
 
 
 def _base_defaults():
@@ -208,6 +258,10 @@ def _coerce(value, default, key, source):
         return type(default)(value)
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, str) and value is False:
+        # Dassl configs write "no init phrase" as False (e.g. TCP's CTX_INIT: False); the code tests truthiness.
+        print(f"note: config key {key} (from {source}) False is read as \"\" (empty)", file=sys.stderr)
+        return ""
     raise ConfigError(
         f"type mismatch for config key {key} (from {source}): expected {type(default).__name__}, "
         f"got {value!r} ({type(value).__name__})"
@@ -249,8 +303,9 @@ def _merge_dict(node, data, source, prefix=""):
             node[key] = _coerce(_decode(value), current, full_key, source)
 
 
-def merge_from_file(cfg, path):
-    """Merge a yaml file into ``cfg``; errors name the file and the full dotted key."""
+def merge_from_file(cfg, path, trainer=None):
+    """Merge a yaml file into ``cfg``; errors name the file and the full dotted key. Keys of official configs
+    registered with ``register_config_alias`` are renamed first (``trainer``: the run's trainer name)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
@@ -262,11 +317,13 @@ def merge_from_file(cfg, path):
         return cfg
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    _merge_dict(cfg, data, path)
+    if trainer is None and isinstance(data.get("TRAINER"), dict):
+        trainer = data["TRAINER"].get("NAME")
+    _merge_dict(cfg, _apply_aliases(data, path, trainer or cfg.TRAINER.NAME), path)
     return cfg
 
 
-def merge_from_list(cfg, opts, source="command line opts"):
+def merge_from_list(cfg, opts, source="command line opts", trainer=None):
     """Merge trailing ``KEY VALUE`` pairs (e.g. ``OPTIM.LR 0.01``)."""
     opts = list(opts or [])
     if len(opts) % 2 != 0:
@@ -274,6 +331,7 @@ def merge_from_list(cfg, opts, source="command line opts"):
             f"{source} must be KEY VALUE pairs, got an odd number of items ({len(opts)}): {opts}"
         )
     for full_key, value in zip(opts[0::2], opts[1::2]):
+        full_key = _aliased(str(full_key), source, trainer or cfg.TRAINER.NAME)
         parts = str(full_key).split(".")
         node = cfg
         for i, part in enumerate(parts):
@@ -308,10 +366,11 @@ def build_cfg(args):
     def arg(name):
         return getattr(args, name, None)
 
+    trainer = arg("trainer") or None
     if arg("dataset_config_file"):
-        merge_from_file(cfg, arg("dataset_config_file"))
+        merge_from_file(cfg, arg("dataset_config_file"), trainer)
     if arg("config_file"):
-        merge_from_file(cfg, arg("config_file"))
+        merge_from_file(cfg, arg("config_file"), trainer)
 
     if arg("root"):
         cfg.DATASET.ROOT = arg("root")
@@ -334,7 +393,7 @@ def build_cfg(args):
     if arg("transforms"):
         cfg.INPUT.TRANSFORMS = tuple(arg("transforms"))
 
-    merge_from_list(cfg, arg("opts"))
+    merge_from_list(cfg, arg("opts"), trainer=trainer)
     validate_cfg(cfg)
     cfg.freeze()
     return cfg
@@ -347,7 +406,49 @@ def validate_cfg(cfg):
         if value not in choices:
             raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
 
-    d, o = cfg.DATASET, cfg.OPTIM
+    def at_least(key, value, low):
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+    def between(key, value, low, high, what):
+        if not low <= value <= high:
+            raise ConfigError(f"{key} must be {what}, got {value}")
+
+    d, o, inp = cfg.DATASET, cfg.OPTIM, cfg.INPUT
+    if d.NUM_SHOTS == 0 or d.NUM_SHOTS < -1:
+        raise ConfigError(f"DATASET.NUM_SHOTS must be >= 1 (the per-class cap) or -1 (all images), got {d.NUM_SHOTS}")
+    size = inp.SIZE
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ConfigError(f"INPUT.SIZE must be two positive integers (height, width), e.g. \"(224, 224)\", "
+                          f"got {tuple(size)!r}")
+    choice("INPUT.INTERPOLATION", inp.INTERPOLATION, INTERPOLATION_NAMES)
+    unknown = [t for t in inp.TRANSFORMS if t not in KNOWN_TRANSFORMS]
+    if unknown:
+        raise ConfigError(f"unknown INPUT.TRANSFORMS {unknown}; supported: {list(KNOWN_TRANSFORMS)}")
+    scale = tuple(inp.RRCROP_SCALE)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"INPUT.RRCROP_SCALE must be (low, high) with 0 < low <= high <= 1, got {scale}")
+    for key in ("PIXEL_MEAN", "PIXEL_STD"):
+        if len(inp[key]) != 3:
+            raise ConfigError(f"INPUT.{key} must have 3 values (R, G, B), got {list(inp[key])}")
+    if min(inp.PIXEL_STD) <= 0:
+        raise ConfigError(f"INPUT.PIXEL_STD must be > 0, got {list(inp.PIXEL_STD)}")
+    if o.LR <= 0:
+        raise ConfigError(f"OPTIM.LR must be > 0, got {o.LR}")
+    at_least("OPTIM.WEIGHT_DECAY", o.WEIGHT_DECAY, 0)
+    for key in ("MOMENTUM", "ADAM_BETA1", "ADAM_BETA2", "RMSPROP_ALPHA"):
+        if not 0 <= o[key] < 1:
+            raise ConfigError(f"OPTIM.{key} must be in [0, 1), got {o[key]}")
+    if o.ADAM_EPS <= 0:
+        raise ConfigError(f"OPTIM.ADAM_EPS must be > 0, got {o.ADAM_EPS}")
+    if o.GAMMA <= 0:
+        raise ConfigError(f"OPTIM.GAMMA must be > 0, got {o.GAMMA}")
+    at_least("OPTIM.WARMUP_CONS_LR", o.WARMUP_CONS_LR, 0)
+    at_least("OPTIM.WARMUP_MIN_LR", o.WARMUP_MIN_LR, 0)
+    at_least("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, 0)
+    at_least("TRAIN.PRINT_FREQ", cfg.TRAIN.PRINT_FREQ, 1)
+    at_least("TRAIN.CHECKPOINT_FREQ", cfg.TRAIN.CHECKPOINT_FREQ, 0)
+    between("DATASET.VAL_PERCENT", d.VAL_PERCENT, 0, 1, "in [0, 1]")
     if d.IMB_FACTOR < 1:
         raise ConfigError(
             f"DATASET.IMB_FACTOR must be >= 1, got {d.IMB_FACTOR}: it is the imbalance ratio "

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .cli import UserError
 from .compat import import_torchvision
+from .config import KNOWN_TRANSFORMS
 from .registry import DATASET_REGISTRY
 
 T = import_torchvision().transforms
@@ -19,10 +21,8 @@ InterpolationMode = T.InterpolationMode
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
-# Names of INPUT.TRANSFORMS understood here (the ones CoOp / CoCoOp / MaPLe configs use, plus a few
-# common Dassl ones). Test-time only uses resize + center crop (+ normalize).
-KNOWN_TRANSFORMS = ("random_resized_crop", "random_crop", "random_flip", "center_crop", "normalize",
-                    "colorjitter", "randomgrayscale", "gaussian_blur")
+# INPUT.TRANSFORMS understood here (checked with the config). Test time only uses resize + center crop
+# (+ normalize).
 
 
 def _size(cfg):
@@ -75,12 +75,27 @@ def build_transform(cfg, is_train):
     return T.Compose(tfms + [T.ToTensor()] + normalize)
 
 
+class ImageReadError(UserError):
+    """An image file that is missing, truncated or not an image (the message names its path)."""
+
+
+class ImageNotFoundError(ImageReadError, FileNotFoundError):
+    """An image file the split lists that is not there."""
+
+
+CHECK_HINT = "`python -m tools.check_data --root DATA --dataset NAME` lists every broken image"
+
+
 def read_image(path):
-    """Open an image file as RGB; a missing file raises FileNotFoundError naming the path."""
+    """Open an image file as RGB (decoded in full, so a truncated file fails here, naming its path)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path} (run `python -m tools.check_data` to check the dataset)")
-    with Image.open(path) as img:
-        return img.convert("RGB")
+        raise ImageNotFoundError(f"image not found: {path} ({CHECK_HINT})")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"cannot read image {path} ({' '.join(str(err).split())}): the file is corrupt or "
+                             f"truncated; replace it ({CHECK_HINT})") from err
 
 
 class DatasetWrapper(Dataset):

@@ -2,10 +2,21 @@
 
 A run is identified by its folder, and its folder by everything that changes its result. The scripts and
 the table launcher put a variant of a config (an ablation, a sweep value, another backbone) into
-``<config><variant_tag(opts)>`` so that two variants never share a folder.
+``<config><variant_tag(opts)>`` so that two variants never share a folder (``run_tag`` leaves the
+run-neutral opts out of the name).
+
+``check_run_folder(folder, cfg)`` is the other half: a folder that already holds a run (its
+``config.yaml``) with a different resolved config is an error naming the differing keys; the keys in
+``RUN_NEUTRAL_KEYS`` are exempt. ``check_manifest`` does the same for the recorded training split.
 """
 import hashlib
+import json
+import os
 import re
+
+import yaml
+
+from engine.cli import UserError
 
 MAX_TAG_CHARS = 64
 
@@ -37,3 +48,127 @@ def variant_tag(opts):
         digest = hashlib.sha1(" ".join(f"{k}={v}" for k, v in pairs).encode()).hexdigest()[:8]
         tag = tag[:MAX_TAG_CHARS - 9] + "-" + digest
     return tag
+
+
+# ----------------------------------------------------------------------------------------- identity
+#
+# A run folder holds one resolved config (``config.yaml``). Starting, resuming or re-evaluating into a
+# folder whose config differs in any key that can change the result is an error naming those keys.
+# Run-neutral keys are the ones that cannot change a result (or only by float round-off of an exact
+# speed-up): where the data and outputs live, how many workers load the data, how often the log prints
+# or checkpoints are kept, the evaluation batch size, and the exact text-encoder speed-ups. USE_CUDA is
+# neutral too (the same run may be resumed on another machine); the precision a trainer uses is its
+# TRAINER.<NAME>.PREC key, which is not neutral.
+RUN_NEUTRAL_KEYS = (
+    "OUTPUT_DIR",
+    "RESUME",
+    "VERBOSE",
+    "USE_CUDA",
+    "DATASET.ROOT",
+    "DATASET.CACHE_DIR",
+    "DATALOADER.NUM_WORKERS",
+    "DATALOADER.TEST.BATCH_SIZE",
+    "TRAIN.PRINT_FREQ",
+    "TRAIN.CHECKPOINT_FREQ",
+    "MODEL.TRUNCATE_TEXT",
+    "MODEL.TEXT_PREFIX_CACHE",
+)
+CONFIG_FILE = "config.yaml"
+
+
+class RunIdentityError(UserError):
+    """A run folder holds another run than the one requested."""
+
+
+def is_run_neutral(key):
+    return key in RUN_NEUTRAL_KEYS
+
+
+def run_tag(opts):
+    """``variant_tag`` of ``opts`` without the run-neutral pairs (worker count, paths, ...): the folder
+    suffix the scripts give a run with extra opts."""
+    opts = [str(o) for o in (opts or [])]
+    if len(opts) % 2:
+        raise ValueError(f"variant opts must be KEY VALUE pairs, got an odd list: {opts}")
+    kept = [x for k, v in zip(opts[0::2], opts[1::2]) if not is_run_neutral(k) for x in (k, v)]
+    return variant_tag(kept)
+
+
+def flatten_config(node, prefix=""):
+    """A nested mapping (yacs CfgNode or the dict of a loaded config.yaml) -> {"A.B.C": value}; tuples
+    become lists so that a config and its yaml dump compare equal."""
+    flat = {}
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, full + "."))
+        else:
+            flat[full] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_diff(stored, requested, keys=None):
+    """[(key, stored value, requested value)] for every key of both configs whose values differ,
+    run-neutral keys excepted (``keys``: compare only these). A key that only one side has (a key a
+    newer version of the code added or removed) is not a difference."""
+    a, b = flatten_config(stored), flatten_config(requested)
+    names = sorted(set(a) & set(b)) if keys is None else [k for k in keys if k in a and k in b]
+    return [(k, a[k], b[k]) for k in names if not is_run_neutral(k) and a[k] != b[k]]
+
+
+def format_diff(diff, limit=8):
+    parts = [f"{k}: {old!r} in the folder, {new!r} requested" for k, old, new in diff[:limit]]
+    if len(diff) > limit:
+        parts.append(f"... and {len(diff) - limit} more")
+    return "; ".join(parts)
+
+
+def read_run_config(folder):
+    """The resolved config a run folder holds (dict), or None when it holds none. A config.yaml that
+    does not parse is an error naming it."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise RunIdentityError(f"cannot parse {path} ({' '.join(str(err).split())}); this folder's run "
+                               "cannot be identified: choose another --output-dir") from err
+    if not isinstance(data, dict):
+        raise RunIdentityError(f"{path} does not hold a config mapping; choose another --output-dir")
+    return data
+
+
+def check_run_folder(folder, cfg):
+    """Raise RunIdentityError when ``folder`` holds a run (config.yaml) whose resolved config differs from
+    ``cfg`` in a key that is not run-neutral; return the stored config (dict) or None."""
+    stored = read_run_config(folder)
+    if stored is None:
+        return None
+    diff = config_diff(stored, cfg)
+    if diff:
+        raise RunIdentityError(
+            f"{folder} holds a run with another config ({format_diff(diff)}); a folder holds one run: "
+            f"choose another --output-dir (the scripts add a variant tag for extra opts, or set TAG) or "
+            f"rerun with the folder's settings")
+    return stored
+
+
+def check_manifest(folder, manifest):
+    """Raise RunIdentityError when ``folder``'s manifest.json records another training split than
+    ``manifest`` (same config, but the dataset's files or the sampling code changed)."""
+    path = os.path.join(folder, "manifest.json")
+    if not manifest or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f).get("hash", "")
+    except (OSError, ValueError, AttributeError):
+        raise RunIdentityError(f"cannot read {path}; choose another --output-dir") from None
+    new = manifest.get("hash", "")
+    if old and new and old != new:
+        raise RunIdentityError(
+            f"{path} records another training split (hash {old[:12]}) than this run draws ({new[:12]}): "
+            f"the dataset files or the sampling changed since the folder's run started; choose another "
+            f"--output-dir")

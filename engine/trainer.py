@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.cli import UserError
-from engine.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text
+from engine.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
 from engine.clip_loader import load_clip
 from engine.config import ConfigError, dump_cfg
 from engine.data import DataManager
@@ -291,10 +291,23 @@ class TrainerX:
             if not path or not os.path.isfile(path):
                 raise RunError(f"no checkpoint for '{name}' at {path or folder}: train first "
                                f"(--eval-only never trains) or pass the right --model-dir / --load-epoch")
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
-            model.load_state_dict(ckpt["state_dict"])
+            ckpt = load_checkpoint(path, map_location=self.device)
+            try:
+                model.load_state_dict(ckpt["state_dict"])
+            except RuntimeError as err:  # size mismatch / missing keys: a run of another config
+                raise RunError(self._mismatch_message(model_dir, path, err)) from err
             self.load_extra_checkpoint_state(ckpt.get("extra") or {})
             self.log(f"Loaded {name} from {path} (epoch {ckpt['epoch']})")
+
+    def _mismatch_message(self, model_dir, path, err):
+        from engine.run_identity import config_diff, format_diff, read_run_config
+
+        stored = read_run_config(model_dir) or {}
+        section = f"TRAINER.{self.cfg.TRAINER.NAME.upper()}"
+        diff = [d for d in config_diff(stored, self.cfg) if d[0].startswith(section + ".")]
+        detail = format_diff(diff) if diff else " ".join(str(err).split())[:200]
+        return (f"the checkpoint {path} does not fit this {self.cfg.TRAINER.NAME} model: --model-dir holds a run "
+                f"of another config ({detail}); pass the config of that run or another --model-dir")
 
     def resume_if_possible(self):
         """Continue an interrupted run from its last epoch checkpoint; return the epoch to start at."""
@@ -304,7 +317,7 @@ class TrainerX:
             path = self.latest_checkpoint(folder) if os.path.isdir(folder) else None
             if path is None:
                 return 0
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+            ckpt = load_checkpoint(path, map_location=self.device)
             model.load_state_dict(ckpt["state_dict"])
             if ckpt["optimizer"] is not None and self._optims[name] is not None:
                 self._optims[name].load_state_dict(ckpt["optimizer"])

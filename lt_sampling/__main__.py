@@ -9,7 +9,8 @@ of train), so the manifest (and its hash) equals the one a training run on that 
 import argparse
 import os
 import re
-import sys
+
+from engine.cli import run_cli
 
 from .manifest import build_manifest, write_manifest
 from .protocol import apply_protocol, cap_splits
@@ -37,19 +38,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if not os.path.isfile(args.split_file):
-        parser.exit(2, f"error: split file not found: {os.path.abspath(args.split_file)}\n")
+        raise FileNotFoundError(f"split file not found: {os.path.abspath(args.split_file)}")
+    if args.shots == 0 or args.shots < -1:
+        raise ValueError(f"--shots must be >= 1 (the per-class cap) or -1 (all images), got {args.shots}")
     from datasets.base import DatasetBase  # reads the split exactly as training runs do
 
+    train, val, test = DatasetBase.read_split(args.split_file, "")
+    seed = max(args.seed, 0)
+    if args.shots > 0:
+        train, val = cap_splits(train, val, args.shots, seed)
     try:
-        train, val, test = DatasetBase.read_split(args.split_file, "")
-        seed = max(args.seed, 0)
-        if args.shots > 0:
-            train, val = cap_splits(train, val, args.shots, seed)
         result = apply_protocol(train, val, test, seed=seed, subsample=args.subsample,
                                 imb_factor=args.imb_factor, profile=args.profile,
                                 step_head_fraction=args.step_head_fraction, head_fraction=args.head_fraction)
     except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
+        raise ValueError(f"{args.split_file}: {err}") from err
     manifest = build_manifest(
         args.dataset or dataset_name(args.split_file), result.train, result.classnames, seed=seed,
         shots=args.shots, imb_factor=args.imb_factor, profile=args.profile, subsample=args.subsample,
@@ -64,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

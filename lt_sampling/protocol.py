@@ -61,18 +61,26 @@ class ProtocolResult:
 
 
 def apply_protocol(train, val, test, *, seed, subsample="all", imb_factor=1.0, profile="exp",
-                   step_head_fraction=0.5, head_fraction=0.2, long_tailed=True):
+                   step_head_fraction=0.5, head_fraction=0.2, long_tailed=True, require_train=True):
     """Steps 3-5 of methods.md section 1.1 on already capped splits (see ``cap_splits``).
 
     Down-sampling (if ``imb_factor > 1`` and ``long_tailed``) touches the train split only and applies
-    to whichever class subset is active. Val and test are never down-sampled.
+    to whichever class subset is active. Val and test are never down-sampled. The base/new split comes
+    from the full class list (all splits); with ``require_train`` an active class without training images
+    is an error naming it.
     """
     imb_factor = check_imb_factor(imb_factor)
     if profile not in PROFILES:
         raise ValueError(f"DATASET.IMB_PROFILE must be one of {PROFILES}, got {profile!r}")
     all_classnames = get_classnames(train, val, test)
-    train, val, test = subsample_classes(train, val, test, subsample=subsample)
+    train, val, test = subsample_classes(train, val, test, subsample=subsample, num_classes=len(all_classnames))
     classnames = get_classnames(train, val, test)
+    if require_train:
+        empty = [f"{name!r}" for name, n in zip(classnames, counts_per_label(train, len(classnames))) if n == 0]
+        if empty:
+            raise ValueError(f"{len(empty)} class(es) of the {subsample} split have no training images: "
+                             f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}; the split file "
+                             f"lists none for them (restore their entries or images)")
     train_before_lt = list(train)
     if long_tailed and imb_factor > 1:
         rng = stage_seed(seed, "long_tailed")

@@ -59,15 +59,23 @@ def cap_per_class(items, shots, rng):
     return [item for idx, item in enumerate(items) if idx in keep]
 
 
-def subsample_classes(*splits, subsample="all"):
-    """CoOp's base/new split: sort the labels of the first split, base = first ceil(C/2), new = the
+def subsample_classes(*splits, subsample="all", num_classes=None):
+    """CoOp's base/new split: base = the first ceil(C/2) labels of the dataset's full class list, new = the
     rest; keep only the selected classes in every split and relabel them to 0..C_sub-1 (items are
-    shallow-copied, never modified). Returns a list with one list per split."""
+    shallow-copied, never modified). Returns a list with one list per split.
+
+    The class list is ``range(num_classes)``, or the labels of all splits together when ``num_classes`` is
+    None. (CoOp takes the labels of the first split; then a class that has lost its training images
+    shifts the split and a new class is trained as base: here the split never depends on which labels
+    survive in one split.)"""
     if subsample not in ("all", "base", "new"):
         raise ValueError(f"DATASET.SUBSAMPLE_CLASSES must be 'all', 'base' or 'new', got {subsample!r}")
     if subsample == "all":
         return [list(split) for split in splits]
-    labels = sorted({item.label for item in splits[0]})
+    if num_classes is None:
+        labels = sorted({item.label for split in splits for item in split})
+    else:
+        labels = list(range(int(num_classes)))
     m = math.ceil(len(labels) / 2)
     selected = labels[:m] if subsample == "base" else labels[m:]
     relabel = {y: y_new for y_new, y in enumerate(selected)}

@@ -5,16 +5,17 @@
 #
 # Backbone: the random-weight `tiny` CLIP, unless OpenAI ViT-B/16 weights are found locally (see README,
 # "CLIP weights"); then those are used and the script says so. Outputs go to $DEMO_OUTPUT (default
-# output/demo); a rerun skips finished runs.
+# <repo>/output/demo); a rerun skips finished runs.
 # usage: bash scripts/demo.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
-DEMO_OUTPUT="${DEMO_OUTPUT:-output/demo}"
+DEMO_OUTPUT="${DEMO_OUTPUT:-$REPO/output/demo}"
 DEMO_METHODS="${DEMO_METHODS:-zsclip coop cocoop lamp maple mma tcp candle lfa}"
 export DATA="$DEMO_OUTPUT/data" OUTPUT="$DEMO_OUTPUT"
 
 mkdir -p "$DEMO_OUTPUT"
+echo "[demo] outputs go to $DEMO_OUTPUT (data, one log per method, runs under base2new_imb10/, results.csv)"
 PYTHONPATH="$REPO" "$PYTHON" -m tools.make_synthetic --root "$DATA"
 
 if weights="$(PYTHONPATH="$REPO" "$PYTHON" -c \
@@ -45,7 +46,7 @@ for method in $DEMO_METHODS; do
   [ -f "$script" ] || { echo "[demo] skipping $method (no $script)"; continue; }
   t0=$SECONDS
   EXTRA="$EXTRA $(demo_schedule "$method")" bash "$script" synthetic_shapes 10 1 > "$DEMO_OUTPUT/$method.log" 2>&1 \
-    || { echo "[demo] $method failed; see $DEMO_OUTPUT/$method.log" >&2; tail -n 20 "$DEMO_OUTPUT/$method.log" >&2; exit 1; }
+    || { rc=$?; echo "[demo] $method failed; see $DEMO_OUTPUT/$method.log" >&2; tail -n 20 "$DEMO_OUTPUT/$method.log" >&2; exit "$rc"; }
   echo "[demo] $method done in $((SECONDS - t0)) s (log: $DEMO_OUTPUT/$method.log)"
 done
 echo "[demo] all methods done in $((SECONDS - start)) s"

@@ -2,28 +2,34 @@
 #
 # Environment (all optional):
 #   DATA     datasets root (default: <repo>/data)
-#   OUTPUT   results root (default: output)
+#   OUTPUT   results root (default: <repo>/output)
 #   LOSS     ce | la  ("+LA" baselines; la adds the suffix _la to the config folder)
 #   CFG      trainer config name in configs/trainers/$TRAINER/ (each script has its default)
-#   EXTRA    extra KEY VALUE opts for every run, e.g. "OPTIM.MAX_EPOCH 5"
-#   PYTHON   interpreter (default: <repo>/.venv/bin/python if present, else python3)
+#   EXTRA    extra KEY VALUE opts for every run, e.g. "OPTIM.MAX_EPOCH 5"; the runs go to their own config
+#            folder <cfg>_<tag>, the tag derived from the opts (engine/run_identity.run_tag, run-neutral
+#            keys such as DATALOADER.NUM_WORKERS left out), e.g. vit_b16_ep50_ctxv1_max_epoch5
+#   TAG      name the variant folder <cfg>_$TAG yourself instead (letters, digits, . _ + -)
+#   PYTHON   interpreter to use as is; unset: <repo>/.venv, created and filled from requirements.txt by
+#            scripts/setup.sh when needed (as scripts/test.sh does)
 #   XD_SOURCE, XD_IMB, XD_TARGETS, DG_TARGETS   source dataset / imbalance / target lists of xd and dg
 #
 # Output layout (CoOp/MaPLe/Candle style):
 #   $OUTPUT/base2new_imb<IMB>/train_base/<dataset>/<TRAINER>/<cfg>/seed<S>/   train on base, test on base
 #   $OUTPUT/base2new_imb<IMB>/test_new/<dataset>/<TRAINER>/<cfg>/seed<S>/     test the same model on new
-# A seed whose results.json exists is skipped; an unfinished one resumes from its last checkpoint.
+# A seed whose results.json exists with the same resolved config is skipped; one with another config is an
+# error (train.py --skip-finished); an unfinished one resumes from its last checkpoint.
 # Runs share the data caches in $OUTPUT/cache (capped splits, ImageNet's folder scan).
-# Nothing here deletes results.
+# Nothing here deletes results. A failing run stops the script with train.py's exit code.
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -z "${PYTHON:-}" ]; then
+  source "$REPO/scripts/setup.sh"
+fi
 DATA="${DATA:-$REPO/data}"
-OUTPUT="${OUTPUT:-output}"
+OUTPUT="${OUTPUT:-$REPO/output}"
 LOSS="${LOSS:-ce}"
 EXTRA="${EXTRA:-}"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
-fi
+TAG="${TAG:-}"
 
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -31,8 +37,19 @@ check_int() {  # name value
   [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a positive integer, got '$2'"
 }
 
-cfg_tag() {  # folder name of the config (+ _la)
-  if [ "$LOSS" = "la" ]; then echo "${CFG}_la"; else echo "$CFG"; fi
+cfg_tag() {  # folder name of the config: CFG (+ _la) (+ the variant tag of EXTRA, or _$TAG)
+  local name="$CFG" variant
+  [ "$LOSS" = "la" ] && name="${name}_la"
+  if [ -n "$TAG" ]; then
+    [[ "$TAG" =~ ^[A-Za-z0-9._+-]+$ ]] || die "TAG may hold letters, digits and . _ + - only, got '$TAG'"
+    variant="_$TAG"
+  else
+    # shellcheck disable=SC2086
+    variant="$(PYTHONPATH="$REPO" "$PYTHON" -c \
+      'import sys; from engine.run_identity import run_tag; print(run_tag(sys.argv[1:]))' $EXTRA)" \
+      || die "cannot derive a folder tag from EXTRA='$EXTRA' (KEY VALUE pairs expected)"
+  fi
+  echo "${name}${variant}"
 }
 
 # run_one OUTDIR DATASET [--eval-only --model-dir DIR] -- KEY VALUE ...
@@ -41,10 +58,6 @@ run_one() {
   local flags=()
   while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do flags+=("$1"); shift; done
   [ "${1:-}" = "--" ] && shift
-  if [ -f "$outdir/results.json" ]; then
-    echo "[skip] $outdir (finished)"
-    return 0
-  fi
   local dcfg="$REPO/configs/datasets/$dataset.yaml"
   local tcfg="$REPO/configs/trainers/$TRAINER/$CFG.yaml"
   [ -f "$dcfg" ] || die "no dataset config $dcfg (datasets: $(ls "$REPO/configs/datasets" | sed 's/.yaml//' | tr '\n' ' '))"
@@ -52,8 +65,12 @@ run_one() {
   echo "[run] $outdir"
   # shellcheck disable=SC2086
   "$PYTHON" "$REPO/train.py" --root "$DATA" --seed "$SEED" --trainer "$TRAINER" \
-    --dataset-config-file "$dcfg" --config-file "$tcfg" --output-dir "$outdir" "${flags[@]}" \
-    DATASET.CACHE_DIR "$OUTPUT/cache" "$@" TRAINER.LOSS "$LOSS" $EXTRA
+    --dataset-config-file "$dcfg" --config-file "$tcfg" --output-dir "$outdir" --skip-finished \
+    "${flags[@]}" DATASET.CACHE_DIR "$OUTPUT/cache" "$@" TRAINER.LOSS "$LOSS" $EXTRA
+}
+
+results_at() {  # EXPERIMENT_ROOT RUN_PATTERN: say where a benchmark's results go
+  echo "[$TRAINER] results go to $1/$2/seed<S>/ (table: python -m tools.collect_results $1)"
 }
 
 # Train on base classes (unless the method has nothing to train), then test on base and on new.
@@ -61,6 +78,7 @@ run_one() {
 b2n_seeds() {
   local exp="$1" dataset="$2" shots="$3" imb="$4"; shift 4
   local tag; tag="$(cfg_tag)"
+  results_at "$OUTPUT/$exp" "{train_base,test_new}/$dataset/$TRAINER/$tag"
   for SEED in "$@"; do
     local train_dir="$OUTPUT/$exp/train_base/$dataset/$TRAINER/$tag/seed$SEED"
     local new_dir="$OUTPUT/$exp/test_new/$dataset/$TRAINER/$tag/seed$SEED"
@@ -100,6 +118,7 @@ transfer() {
   local exp="$1" targets="$2"; shift 2
   local tag; tag="$(cfg_tag)"
   local seeds=("$@"); [ "${#seeds[@]}" -gt 0 ] || seeds=(1 2 3 4 5)
+  results_at "$OUTPUT/$exp" "test_all/<target>/$TRAINER/$tag"
   for SEED in "${seeds[@]}"; do
     # Both benchmarks share one source run per seed.
     local train_dir="$OUTPUT/xd_imb$XD_IMB/train_all/$XD_SOURCE/$TRAINER/$tag/seed$SEED"

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -251,7 +252,7 @@ def test_impossible_settings_are_rejected(root, tmp_path, capsys, opts, message)
 
 
 def test_scripts_run_skip_finished_seeds_and_cover_xd_dg(root, tmp_path):
-    env = dict(os.environ, DATA=str(root), OUTPUT=str(tmp_path / "out"),
+    env = dict(os.environ, DATA=str(root), OUTPUT=str(tmp_path / "out"), PYTHON=sys.executable, TAG="tiny",
                EXTRA="MODEL.BACKBONE.NAME tiny INPUT.SIZE (32,32) DATALOADER.NUM_WORKERS 0 OPTIM.MAX_EPOCH 1 OPTIM.WARMUP_EPOCH 0 "
                      "DATALOADER.TRAIN_X.BATCH_SIZE 16",
                XD_SOURCE="synthetic_shapes", XD_TARGETS="synthetic_shapes", DG_TARGETS="synthetic_shapes")
@@ -260,15 +261,15 @@ def test_scripts_run_skip_finished_seeds_and_cover_xd_dg(root, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     exp = tmp_path / "out" / "base2new_imb10"
     for split in ("train_base", "test_new"):
-        res = json.loads((exp / split / "synthetic_shapes/LAMP/vit_b16_lt_b2n/seed1/results.json").read_text())
+        res = json.loads((exp / split / "synthetic_shapes/LAMP/vit_b16_lt_b2n_tiny/seed1/results.json").read_text())
         assert res["experiment"] == "base2new_imb10"
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("[skip]") == 2
     for script in ("xd.sh", "dg.sh"):
         r = subprocess.run(["bash", str(REPO / "scripts/lamp" / script), "1"], env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "out/xd_imb100/test_all/synthetic_shapes/LAMP/vit_b16_xd/seed1/results.json").is_file()
-    assert (tmp_path / "out/dg_imb100/test_all/synthetic_shapes/LAMP/vit_b16_xd/seed1/results.json").is_file()
+    assert (tmp_path / "out/xd_imb100/test_all/synthetic_shapes/LAMP/vit_b16_xd_tiny/seed1/results.json").is_file()
+    assert (tmp_path / "out/dg_imb100/test_all/synthetic_shapes/LAMP/vit_b16_xd_tiny/seed1/results.json").is_file()
     bad = subprocess.run(["bash", str(REPO / "scripts/lamp/base2new.sh"), "synthetic_shapes"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr

@@ -33,6 +33,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from engine.cli import run_cli  # noqa: E402
 from engine.clip_loader import RANDOM_ARCHS  # noqa: E402
 from engine.config import build_cfg  # noqa: E402
 from engine.checkpoint import atomic_write_json  # noqa: E402
@@ -190,6 +191,10 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import trainers  # noqa: F401
+    TRAINER_REGISTRY.get(args.trainer)  # an unknown trainer: one line naming the registered ones
+    if args.batch < 1 or args.classes < 1 or args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--batch, --classes and --steps must be >= 1 and --warmup >= 0, got {args.batch}, "
+                         f"{args.classes}, {args.steps}, {args.warmup}")
     config_file = args.config_file or default_config_file(args.trainer)
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(args, config_file, args.classes, out)
@@ -271,4 +276,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

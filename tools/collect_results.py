@@ -2,6 +2,9 @@
 
 Usage: ``python -m tools.collect_results OUTPUT_ROOT [--csv FILE] [--eval-key test]``
 
+A run without the requested ``--eval-key`` but with ``test`` (a base run next to LAMP's new-class
+``test_inductive``) is read from ``test``; the table's header says which runs those are.
+
 Runs are grouped by (experiment, dataset, trainer, config). For each split (base / new / all) the
 metrics are averaged over seeds first; HM-A = HM(mean base acc, mean new acc) and
 HM-M = HM(mean base macro-F1, mean new macro-F1) are then taken of those means (methods.md 1.2).
@@ -19,12 +22,14 @@ import sys
 from tabulate import tabulate
 
 from engine.checkpoint import atomic_write_text
+from engine.cli import run_cli
 from engine.metrics import harmonic_mean
 
 SPLITS = ("base", "new", "all")
 # short name in row dicts -> key in results.json
 METRICS = {"acc": "accuracy", "f1": "macro_f1", "mca": "mean_class_acc", "head_acc": "head_acc", "tail_acc": "tail_acc"}
 REQUIRED = ("trainer", "dataset", "seed", "subsample_classes", "results")
+FALLBACK_KEY = "test"  # read when a run lacks the requested --eval-key (runs with a single evaluation)
 STD_NOTE = "mean ± std over seeds (sample std, ddof=1; 0 for a single seed)"
 
 
@@ -67,7 +72,11 @@ def _load(path, eval_key, warn):
     if rec["subsample_classes"] not in SPLITS:
         warn(f"skipping {path}: subsample_classes {rec['subsample_classes']!r} not in {list(SPLITS)}")
         return None
+    rec["eval_key"] = eval_key
     if eval_key not in rec["results"]:
+        if FALLBACK_KEY in rec["results"]:
+            rec["eval_key"] = FALLBACK_KEY  # e.g. a base run of LAMP: only the new test has test_inductive
+            return rec
         warn(f"skipping {path}: no results[{eval_key!r}] (has {sorted(rec['results'])})")
         return None
     return rec
@@ -92,14 +101,17 @@ def collect(root, eval_key="test", warn=_warn):
             warn(f"duplicate seed {rec['seed']} for {key} split {rec['subsample_classes']}: "
                  f"keeping {runs[rec['seed']][0]}, ignoring {path}")
             continue
-        runs[rec["seed"]] = (path, rec["results"][eval_key])
+        runs[rec["seed"]] = (path, rec["results"][rec["eval_key"]])
+        if rec["eval_key"] != eval_key:
+            group.setdefault("fallback", []).append(f"{rec['subsample_classes']} seed {rec['seed']}")
         group["settings"].add((rec.get("imb_factor"), rec.get("num_shots")))
 
     rows = []
     for key in sorted(groups):
         experiment, dataset, trainer, config = key
         group = groups[key]
-        row = {"experiment": experiment, "dataset": dataset, "trainer": trainer, "config": config, "warnings": []}
+        row = {"experiment": experiment, "dataset": dataset, "trainer": trainer, "config": config, "warnings": [],
+               "eval_fallback": sorted(group.get("fallback", []))}
         for split in SPLITS:
             runs = group["runs"][split]
             row[f"{split}_seeds"] = sorted(runs)
@@ -257,6 +269,12 @@ def main(argv=None):
     if not rows:
         print(f"error: no usable results.json under {args.root} (see warnings above)", file=sys.stderr)
         return 1
+    fallback = sum(len(r["eval_fallback"]) for r in rows)
+    if fallback:
+        print(f"Eval key {args.eval_key!r}; {fallback} run(s) without it (e.g. base runs, which have a single "
+              f"evaluation) are read from {FALLBACK_KEY!r}: "
+              + "; ".join(f"{r['dataset']}/{r['trainer']}/{r['config']}: {', '.join(r['eval_fallback'])}"
+                          for r in rows if r["eval_fallback"]) + "\n")
     print(format_table(rows))
     if args.csv:
         atomic_write_text(to_csv(rows), args.csv)
@@ -265,4 +283,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

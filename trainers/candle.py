@@ -38,6 +38,20 @@ Class sets at evaluation: the trained class list (base names, then new names whe
 that list. On another dataset (cross-dataset / domain-generalisation runs, which train once on the
 source) each evaluated class name is looked up in the trained list; names not found are added as extra
 classes whose prototype is their text feature (the virtual-prototype text initialisation, untrained).
+
+Deliberate differences from the official code (shijxcs/Candle ``trainers/candle.py``):
+
+- Base test over base classes only. The official ``model_inference`` restricts the prediction to the base
+  columns only in its training phase (task ``B2Ntrainbase``); an evaluation-phase run on the base split
+  (``B2Ntestbase``) falls through to the prediction over all classes, so a base image can be predicted as
+  a new class. Here the base test always scores base columns and the new test new columns, as every
+  method in this harness (metrics within the split's own classes), so Candle's numbers compare with theirs.
+- New-class text rows are not tied to the virtual prototypes. The official ``Head`` makes
+  ``virtual_prototypes = nn.Parameter(text_features[C_b:])``, a view that shares storage with the text
+  features the head keeps (``text_features.data``), so every optimizer step on a virtual prototype also
+  moves the new-class text row it was initialised from (an aliasing side effect the paper does not
+  describe). Here the text features are a frozen buffer: new-class text rows stay the CLIP text features,
+  and the virtual prototypes are their own trainable copy.
 """
 import sys
 

@@ -24,7 +24,7 @@ def add_cocoop_config(cfg):
 class CoCoOpPromptLearner(nn.Module):
     def __init__(self, encoder, classnames, n_ctx, ctx_init, reduction):
         super().__init__()
-        vectors, placeholder = init_context(encoder, n_ctx, ctx_init)
+        vectors, placeholder = init_context(encoder, n_ctx, ctx_init, unit="words")  # official: words
         self.ctx = nn.Parameter(vectors)
         hidden = encoder.embed_dim // reduction
         self.meta_net = nn.Sequential(nn.Linear(encoder.embed_dim, hidden), nn.ReLU(inplace=True),

@@ -28,15 +28,21 @@ def frozen_text_features(encoder, template, classnames, normalize=True):
 
 
 @torch.no_grad()
-def init_context(encoder, n_ctx, ctx_init, std=0.02, class_count=None):
+def init_context(encoder, n_ctx, ctx_init, std=0.02, class_count=None, unit="tokens"):
     """Context vectors (n_ctx, D) (or (C, n_ctx, D) class-specific) and the text that stands in for them.
-    With ``ctx_init`` ("a photo of a"), vectors are that text's word embeddings and n_ctx its length."""
+    With ``ctx_init`` ("a photo of a"), vectors are that text's token embeddings and n_ctx its length,
+    counted in BPE tokens (``unit="tokens"``) or, as the official CoOp / CoCoOp / TCP code does, in
+    space-separated words (``unit="words"``: the first n_words token embeddings; a word that splits into
+    several tokens leaves the phrase's last tokens as fixed text after the context). Both units agree for
+    the usual phrases ("a photo of a": 4 words, 4 tokens)."""
     device = next(encoder.parameters()).device
     width = encoder.text_width
     if ctx_init:
         ctx_init = ctx_init.replace("_", " ")
         tokens = encoder.tokenize([ctx_init]).to(device)
         n_words = int(tokens.argmax(dim=-1)) - 1
+        if unit == "words":
+            n_words = min(len(ctx_init.split(" ")), n_words)
         vectors = encoder.token_embedding(tokens)[0, 1: 1 + n_words].float()
         if class_count:
             vectors = vectors.unsqueeze(0).repeat(class_count, 1, 1)

@@ -1,9 +1,14 @@
-"""CoOp (Zhou et al., IJCV 2022): learnable context vectors shared by all classes (or class-specific)."""
+"""CoOp (Zhou et al., IJCV 2022): learnable context vectors shared by all classes (or class-specific).
+
+As in the official code: with CTX_INIT the context is that phrase's embeddings and its length is counted
+in words (N_CTX is then ignored). The official code also ignores CSC when CTX_INIT is given (it builds one
+shared context); rather than silently dropping CSC, CSC True with an init phrase is an error here.
+"""
 import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
-from engine.config import register_config
+from engine.config import ConfigError, register_config
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
 from trainers.common import ContextHooks, build_context_prompts, cosine_logits, init_context
@@ -22,7 +27,12 @@ def add_coop_config(cfg):
 class CoOpPromptLearner(nn.Module):
     def __init__(self, encoder, classnames, n_ctx, ctx_init, csc, position):
         super().__init__()
-        vectors, placeholder = init_context(encoder, n_ctx, ctx_init, class_count=len(classnames) if csc else None)
+        if csc and ctx_init:
+            raise ConfigError(f"TRAINER.COOP.CSC True with TRAINER.COOP.CTX_INIT {ctx_init!r}: the official CoOp ignores "
+                              "CSC when an init phrase is given (one shared context); set CTX_INIT \"\" for "
+                              "class-specific context or CSC False for the shared one")
+        vectors, placeholder = init_context(encoder, n_ctx, ctx_init, class_count=len(classnames) if csc else None,
+                                            unit="words")
         self.ctx = nn.Parameter(vectors)
         tokens, positions = build_context_prompts(encoder, classnames, placeholder, vectors.shape[-2], position)
         self.register_buffer("tokens", tokens, persistent=False)

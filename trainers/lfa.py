@@ -27,6 +27,10 @@ CosineAnnealingLR, eta_min END_LR), stepped by the engine once per epoch. So the
 loss log, checkpoints (W, W_ema, optimizer, scheduler), resume and results.json all work unchanged;
 ``epochs`` in results.json is the number of iterations.
 
+Text prototypes t_c: the dataset's template, except for ImageNet and its four variants, which use LFA's
+8-template ensemble (``IMAGENET_TEMPLATES``; mean of the normalised features, normalised), as the official
+``save_features.py`` does.
+
 Evaluation: the base test (and any other split) uses the refined W; the new-class test
 (DATASET.SUBSAMPLE_CLASSES new, the eval-only run) uses W_ema (NEW_TEST_MAP ema). Both are loaded from
 the checkpoint. LFA has no cross-entropy to logit-adjust: TRAINER.LOSS la is an error.
@@ -53,6 +57,22 @@ B2N_ITERS = {"Caltech101": 40, "DescribableTextures": 100, "EuroSAT": 50, "Food1
              "OxfordFlowers": 50, "OxfordPets": 10, "StanfordCars": 50, "SUN397": 50, "UCF101": 100,
              "ImageNet": 100}
 NEW_TEST_MAPS = ("ema", "refined")
+# LFA's save_features.py: ImageNet and its four variants use this 8-template ensemble for the text
+# prototypes (per class: mean of the normalised template features, normalised again); every other dataset
+# uses its single hand-crafted template (the same as the dataset's CoOp template).
+IMAGENET_TEMPLATES = ("a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                      "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+                      "a photo of the small {}.")
+ENSEMBLE_DATASETS = ("ImageNet", "ImageNetSketch", "ImageNetV2", "ImageNetA", "ImageNetR")
+
+
+def lfa_text_features(encoder, dataset_name, template, classnames):
+    """(C, D) normalised text prototypes: the 8-template ensemble for ImageNet and its variants, else
+    ``template``."""
+    if dataset_name not in ENSEMBLE_DATASETS:
+        return frozen_text_features(encoder, template, classnames).float()
+    feats = torch.stack([frozen_text_features(encoder, t, classnames).float() for t in IMAGENET_TEMPLATES])
+    return F.normalize(feats.mean(dim=0), dim=-1)
 
 
 @register_config
@@ -132,7 +152,8 @@ class LFA(TrainerX):
         optim = build_optimizer(self.map, self.cfg.OPTIM)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=self.iters, eta_min=c.END_LR)
         self.register_model("lfa", self.map, optim, sched)
-        self.text_features = frozen_text_features(self.clip, self.dataset.template, self.classnames).float()
+        self.text_features = lfa_text_features(self.clip, self.cfg.DATASET.NAME, self.dataset.template,
+                                               self.classnames)
         self.train_features = None   # (N, V, D) normalised crop features
         self.train_labels = None
         self.log(f"LFA: {self.iters} full-batch iterations (one engine epoch each; OPTIM.MAX_EPOCH is not used), "

@@ -28,11 +28,15 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
-from engine.config import ConfigError, register_config
+from engine.config import ConfigError, register_config, register_config_alias
 from engine.prompted_clip import TowerHooks
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
 from trainers.common import cosine_logits, template_prompts
+
+
+# The official code (ZjjConan/Multi-Modal-Adapter) names the section TRAINER.MMADAPTER; same keys.
+register_config_alias({"TRAINER.MMADAPTER": "TRAINER.MMA"})
 
 
 @register_config

@@ -8,6 +8,22 @@ input of text block INJECT_LAYER (1-indexed; 9 = the official 0-indexed block 8)
 of class c's sequence become w * T_c + (1 - w) * x (w = INJECT_WEIGHT = 1: replaced). Vision is frozen.
 Loss: CE (or LA) + KG_WEIGHT * (1 - mean_c cos(W_c, t_c^zs)). New classes: the TKE is applied to the new
 classes' own zero-shot features, since every trainer instance builds them for its active class names.
+
+Texts, as in the official ``trainers/tcp.py``: the zero-shot features t^zs come from TCP's own per-dataset
+table ``ZS_TEMPLATES`` (its ``CUSTOM_TEMPLATES_ori``) and the prompt from ``PROMPT_TEMPLATES`` (its
+``CUSTOM_TEMPLATES``), whose first four words are the slot of the four context tokens. Both differ from the
+CoOp templates of the datasets for StanfordCars, UCF101, FGVCAircraft, DTD and Food101 (e.g. the car prompt
+"X X X X {}, a type of car" has no final period, UCF101 keeps "person doing {}." after the context). A
+dataset outside the table (e.g. SyntheticShapes) uses its own template for both.
+
+Official-config keys: TCP's code reads TRAINER.COOP.*; with ``--trainer TCP`` those keys are read as
+TRAINER.TCP.* (a notice says so). ``TRAINER.COOP.W`` becomes KG_WEIGHT: the official code ignores W (the
+injection weight is hard-coded 1.0 and the text-consistency weight 8.0), but its scripts pass W = 8.0 and
+name their folders by it, so W is the knob its authors meant for the consistency weight.
+
+Optimizer: Adam with eps 1e-8, as the official Dassl optimizer. Its README's eps 1e-3 is a workaround for
+weights that are really fp16; here trainable weights are always fp32 (PREC fp16 means autocast), so the
+workaround is never needed.
 """
 from collections import OrderedDict
 
@@ -16,11 +32,65 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from engine.config import ConfigError, register_config
+from engine.config import ConfigError, register_config, register_config_alias
 from engine.prompted_clip import write_tokens
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
 from trainers.common import ContextHooks, build_context_prompts, cosine_logits, frozen_text_features, init_context
+
+
+# Official TCP configs and scripts set TCP's knobs under TRAINER.COOP (see the module docstring).
+register_config_alias({"TRAINER.COOP.N_CTX": "TRAINER.TCP.N_CTX", "TRAINER.COOP.CTX_INIT": "TRAINER.TCP.CTX_INIT",
+                       "TRAINER.COOP.CLASS_TOKEN_POSITION": "TRAINER.TCP.CLASS_TOKEN_POSITION",
+                       "TRAINER.COOP.PREC": "TRAINER.TCP.PREC", "TRAINER.COOP.W": "TRAINER.TCP.KG_WEIGHT"},
+                      trainer="TCP")
+
+# Official trainers/tcp.py: CUSTOM_TEMPLATES_ori (zero-shot text of the TKE and of the consistency loss) ...
+ZS_TEMPLATES = {
+    "OxfordPets": "a photo of a {}, a type of pet.",
+    "OxfordFlowers": "a photo of a {}, a type of flower.",
+    "FGVCAircraft": "a photo of an aircraft {}.",
+    "DescribableTextures": "a photo of a {}, a type of texture.",
+    "EuroSAT": "a centered satellite photo of {}.",
+    "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of a {}, a type of food.",
+    "SUN397": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.",
+    "UCF101": "a photo of a person doing {}.",
+    "ImageNet": "a photo of a {}.",
+    "ImageNetSketch": "a photo of a {}.",
+    "ImageNetV2": "a photo of a {}.",
+    "ImageNetA": "a photo of a {}.",
+    "ImageNetR": "a photo of a {}.",
+}
+# ... and CUSTOM_TEMPLATES (the prompt; its first four words are where the context tokens go).
+PROMPT_TEMPLATES = {
+    "OxfordPets": "X X X X {}, a type of pet.",
+    "OxfordFlowers": "X X X X {}, a type of flower.",
+    "FGVCAircraft": "X X X X {}, a type of aircraft.",
+    "DescribableTextures": "X X X X {} texture.",
+    "EuroSAT": "X X X X {}.",
+    "StanfordCars": "X X X X {}, a type of car",
+    "Food101": "X X X X {}, a type of food.",
+    "SUN397": "X X X X {}.",
+    "Caltech101": "X X X X {}.",
+    "UCF101": "a photo of a person doing {}.",
+    "ImageNet": "a photo of a {}.",
+    "ImageNetSketch": "a photo of a {}.",
+    "ImageNetV2": "a photo of a {}.",
+    "ImageNetA": "a photo of a {}.",
+    "ImageNetR": "a photo of a {}.",
+}
+CTX_SLOT_WORDS = 4  # words of a PROMPT_TEMPLATES entry that the context replaces
+
+
+def tcp_templates(dataset_name, dataset_template):
+    """(zero-shot template, what follows the context in the prompt) for a dataset: TCP's tables, or the
+    dataset's own template ("a photo of a {}." -> "{}.") for a dataset outside them."""
+    if dataset_name in PROMPT_TEMPLATES:
+        rest = PROMPT_TEMPLATES[dataset_name].split(" ", CTX_SLOT_WORDS)[CTX_SLOT_WORDS]
+        return ZS_TEMPLATES[dataset_name], rest
+    return dataset_template, "{}" + template_suffix(dataset_template)
 
 
 @register_config
@@ -70,14 +140,15 @@ class TCPPromptLearner(nn.Module):
     """Trainable state: ``ctx`` (n, D_t) and the TKE ``meta_net`` (names as in the official code).
     Non-persistent: the prompt tokens and the zero-shot features of the class set."""
 
-    def __init__(self, encoder, classnames, template, c):
+    def __init__(self, encoder, classnames, template, c, dataset_name=""):
         super().__init__()
+        zs_template, rest = tcp_templates(dataset_name, template)
         if not 1 <= c.INJECT_LAYER <= encoder.n_text_layers:
             raise ConfigError(f"TRAINER.TCP.INJECT_LAYER must be a text block in 1..{encoder.n_text_layers}, "
                               f"got {c.INJECT_LAYER}")
         if c.TKE_REDUCTION < 1 or encoder.embed_dim // c.TKE_REDUCTION < 1:
             raise ConfigError(f"TRAINER.TCP.TKE_REDUCTION must be in 1..{encoder.embed_dim}, got {c.TKE_REDUCTION}")
-        vectors, placeholder = init_context(encoder, c.N_CTX, c.CTX_INIT)
+        vectors, placeholder = init_context(encoder, c.N_CTX, c.CTX_INIT, unit="words")
         self.ctx = nn.Parameter(vectors)
         self.n_ctx = vectors.shape[0]
         self.text_width = encoder.text_width
@@ -87,11 +158,16 @@ class TCPPromptLearner(nn.Module):
             ("gelu", QuickGELU()),
             ("linear2", nn.Linear(hidden, self.n_ctx * encoder.text_width)),
         ]))
-        tokens, positions = build_context_prompts(encoder, classnames, placeholder, self.n_ctx,
-                                                  c.CLASS_TOKEN_POSITION, suffix=template_suffix(template))
+        if c.CLASS_TOKEN_POSITION == "end":  # "[ctx] <rest with the class name>", as the official prompts
+            tokens = encoder.tokenize([f"{placeholder} {rest.format(n.replace('_', ' '))}" for n in classnames])
+            positions = torch.arange(1, 1 + self.n_ctx).unsqueeze(0).repeat(len(classnames), 1)
+        else:  # CoOp's middle / front placement (not in the official TCP code), with the text after "{}"
+            tokens, positions = build_context_prompts(encoder, classnames, placeholder, self.n_ctx,
+                                                      c.CLASS_TOKEN_POSITION, suffix=template_suffix(rest))
         self.register_buffer("tokens", tokens, persistent=False)
         # t^zs: computed once for this class set (base names when training, new names for the new test).
-        self.register_buffer("zs_features", frozen_text_features(encoder, template, classnames), persistent=False)
+        self.register_buffer("zs_features", frozen_text_features(encoder, zs_template, classnames),
+                             persistent=False)
         self.hooks = TCPTextHooks(positions, c.INJECT_LAYER, float(c.INJECT_WEIGHT))
 
     def class_tokens(self):
@@ -110,7 +186,8 @@ class TCP(TrainerX):
 
     def build_model(self):
         c = self.cfg.TRAINER.TCP
-        self.prompt_learner = TCPPromptLearner(self.clip, self.classnames, self.dataset.template, c).to(self.device)
+        self.prompt_learner = TCPPromptLearner(self.clip, self.classnames, self.dataset.template, c,
+                                               dataset_name=self.cfg.DATASET.NAME).to(self.device)
         self.register_model("prompt_learner", self.prompt_learner, *self.build_optim_sched(self.prompt_learner))
         self.eval_text_features = None
 
