@@ -86,7 +86,7 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, AttributeError) as err:
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({' '.join(str(err).split())[:160]}); delete it to "
+            f"checkpoint {path} is truncated or corrupt ({' '.join(str(err).split()).split('. ')[0][:160]}); delete it to "
             f"resume from the previous epoch's checkpoint (or from scratch), or point --model-dir / "
             f"--load-epoch at an intact one") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

@@ -239,6 +239,9 @@ CASES = {
          ["--split-file", str(REAL_SPLIT), "--shots", "0", "--out", str(t / "m.json")]), ["--shots"]),
     "collect_results no folder": lambda root, t: (
         (__import__("tools.collect_results", fromlist=["main"]).main, [str(t / "nope")]), [t / "nope"]),
+    "make_synthetic root is a file": lambda root, t: (
+        (t / "f").write_text("x"), (__import__("datasets.synthetic", fromlist=["main"]).main,
+                                    ["--root", str(t / "f")]), [t / "f"])[1:],
     "check_data unknown dataset": lambda root, t: (
         (__import__("tools.check_data", fromlist=["main"]).main, ["--root", str(root), "--dataset", "Nope"]),
         ["'Nope'"]),

@@ -30,9 +30,9 @@ def _decode_error(path):
 
 
 def check(root, name, max_missing=10, out=None, fast=False):
-    """Return 0 when the dataset is complete, 1 otherwise (problems are printed to ``out``). An unknown
-    dataset or a missing / malformed folder or split file raises (one line through ``run_cli``)."""
-    out = sys.stdout if out is None else out  # looked up per call (not bound when the module is imported)
+    """Return 0 when the dataset is complete, 1 otherwise (problems are printed to ``out``, default the
+    current ``sys.stdout``). An unknown dataset raises (one line through ``run_cli``)."""
+    out = out or sys.stdout
     import datasets  # noqa: F401  (registers the datasets)
     from engine.registry import DATASET_REGISTRY
     from lt_sampling.protocol import get_classnames
