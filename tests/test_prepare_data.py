@@ -345,7 +345,7 @@ def test_prepared_tree_trains_one_tiny_epoch(prepared, tmp_path):
     rc = train.main(["--root", str(prepared["root"]), "--seed", "1", "--trainer", "CoOp",
                      "--dataset-config-file", str(REPO / "configs/datasets/fgvc_aircraft.yaml"),
                      "--config-file", str(REPO / "configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml"),
-                     "--output-dir", str(out), *TINY, "OPTIM.MAX_EPOCH", "1", "DATASET.NUM_SHOTS", "100",
+                     "--output-dir", str(out), *TINY, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0", "DATASET.NUM_SHOTS", "100",
                      "DATASET.SUBSAMPLE_CLASSES", "base", "DATASET.IMB_FACTOR", "1",
                      "DATALOADER.TRAIN_X.BATCH_SIZE", "4"])
     assert rc == 0

@@ -34,20 +34,20 @@ def _one_line_error(capsys, rc, *names):
 
 def test_resume_with_another_config_is_refused(root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    run_interrupted(monkeypatch, CoOp, 0, root, out, *COOP, "OPTIM.MAX_EPOCH", "1")
+    run_interrupted(monkeypatch, CoOp, 0, root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")
     stored = (out / "config.yaml").read_text()
     manifest = (out / "manifest.json").read_text()
-    line = _one_line_error(capsys, train.main(train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "1", imb=1)),
+    line = _one_line_error(capsys, train.main(train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0", imb=1)),
                            "DATASET.IMB_FACTOR", out)
     assert "10.0 in the folder" in line and "1.0 requested" in line
     assert (out / "config.yaml").read_text() == stored and (out / "manifest.json").read_text() == manifest
     # A run-neutral key (print frequency, workers) may change: the run resumes and finishes as imb 10.
-    res = run_train(root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "TRAIN.PRINT_FREQ", "3")
+    res = run_train(root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0", "TRAIN.PRINT_FREQ", "3")
     assert res["imb_factor"] == 10.0 and "TRAIN.PRINT_FREQ" in RUN_NEUTRAL_KEYS
     # A finished folder of another config is an error even with --skip-finished; the same config is skipped.
     args = train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "2")
     _one_line_error(capsys, train.main(["--skip-finished"] + args), "OPTIM.MAX_EPOCH")
-    assert train.main(["--skip-finished"] + train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "1")) == 0
+    assert train.main(["--skip-finished"] + train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")) == 0
     assert "[skip]" in capsys.readouterr().out
 
     # --eval-only --model-dir of another trainer: the folder's trainer is named, nothing is written.
@@ -57,17 +57,17 @@ def test_resume_with_another_config_is_refused(root, tmp_path, monkeypatch, caps
     _one_line_error(capsys, train.main(args), "holds a CoOp run", "vit_b16_ep50_ctxv1", "TCP")
     assert not ev.exists()
     # Same trainer, another architecture: the differing key, not a state_dict size mismatch.
-    args = ["--eval-only", "--model-dir", str(out)] + train_args(root, ev, *COOP, "OPTIM.MAX_EPOCH", "1",
+    args = ["--eval-only", "--model-dir", str(out)] + train_args(root, ev, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0",
                                                                  "TRAINER.COOP.N_CTX", "8",
                                                                  "TRAINER.COOP.CTX_INIT", "", subsample="new")
     _one_line_error(capsys, train.main(args), "TRAINER.COOP.N_CTX", "does not fit")
     # A recorded split that differs from the one drawn now (dataset files changed): named, refused.
     out2 = tmp_path / "run2"
-    run_interrupted(monkeypatch, CoOp, 0, root, out2, *COOP, "OPTIM.MAX_EPOCH", "1")
+    run_interrupted(monkeypatch, CoOp, 0, root, out2, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")
     m = json.loads((out2 / "manifest.json").read_text())
     m["hash"] = "0" * 64
     (out2 / "manifest.json").write_text(json.dumps(m))
-    _one_line_error(capsys, train.main(train_args(root, out2, *COOP, "OPTIM.MAX_EPOCH", "1")), "manifest.json",
+    _one_line_error(capsys, train.main(train_args(root, out2, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")), "manifest.json",
                     "another training split")
 
 
