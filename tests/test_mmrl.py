@@ -49,8 +49,10 @@ def test_dataset_tables_and_explicit_values(root, tmp_path):
                     "TRAINER.MMRL.REP_DIM_BY_DATASET", "['SyntheticShapes:16', '*:512']")
     assert trainer.reg_weight == 3.0
     assert trainer.count_trainable_parameters() == 5 * 16 + 7 * (16 * 64 + 64) * 2 + 64 * 64
-    explicit = build(root, tmp_path, "TRAINER.MMRL.REG_WEIGHT", "0.25", "TRAINER.MMRL.REP_DIM", "8")
+    explicit = build(root, tmp_path, "TRAINER.MMRL.REG_WEIGHT", "0.25", "TRAINER.MMRL.REP_DIM", "8",
+                     "TRAINER.MMRL.TEST_BRANCH", "rep", "TRAINER.MMRL.SCALE", "0.4")
     assert explicit.reg_weight == 0.25 and explicit.rep.compound_rep_tokens.shape == (5, 8)
+    assert explicit.active_branch() == "rep" and explicit.alpha == 0.4
 
 
 def test_tokens_enter_blocks_6_to_12_after_cls_and_bot(root, tmp_path):
@@ -104,9 +106,17 @@ def test_base_inference_mixes_branches_and_new_inference_uses_the_class_token(ro
         z_cls, z_rep, _, _ = trainer.branch_logits(images)
         trainer.before_test()
         base = trainer.model_inference(images)
-        trainer.trained_classnames = ["other"] * len(trainer.classnames)  # as in a new-class eval run
+        trained_on = trainer.trained_on
+        trainer.trained_on = (trained_on[0], ["other"] * len(trainer.classnames))  # as in a new-class eval run
         trainer.before_test()
         new = trainer.model_inference(images)
+        trainer.trained_on = ("ImageNet", trained_on[1])  # same class names, another dataset (ImageNet-V2 case)
+        assert trainer.active_branch() == "cls"
+        trainer.trained_on = trained_on
+        for branch, expected in (("fusion", 0.7 * z_cls + 0.3 * z_rep), ("cls", z_cls), ("rep", z_rep)):
+            trainer.test_branch = branch  # TEST_BRANCH forces one branch everywhere
+            trainer.before_test()
+            assert torch.allclose(trainer.model_inference(images), expected, atol=1e-4)
     assert torch.allclose(base, 0.7 * z_cls + 0.3 * z_rep, atol=1e-4)
     assert torch.allclose(new, z_cls, atol=1e-4)
     assert not torch.allclose(base, new, atol=1e-2)

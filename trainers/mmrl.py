@@ -166,7 +166,7 @@ class MMRL(TrainerX):
         self.build_extra_modules()
         self.register_model("representation_learner", self.trained_module(), *self.build_optim_sched(self.trained_module()))
         self.tokens = self.clip.tokenize(template_prompts(self.dataset.template, self.classnames)).to(self.device)
-        self.trained_classnames = list(self.classnames)  # replaced by the checkpoint's in --eval-only
+        self.trained_on = (self.cfg.DATASET.NAME, list(self.classnames))  # the checkpoint's in --eval-only
         self._text_zs = None
         self.eval_text_features = None
         self.log(f"MMRL: d_r {rep_dim}, lambda {self.reg_weight}, alpha {self.alpha}")
@@ -230,10 +230,11 @@ class MMRL(TrainerX):
 
     # ---- inference
     def active_branch(self):
-        """fusion on the classes the model was trained on, the class-token branch elsewhere (auto)."""
+        """auto: fusion on the dataset and classes the model was trained on, the class-token branch elsewhere
+        (new classes; other datasets, ImageNet-V2/-Sketch included, as the official CD rule)."""
         if self.test_branch != "auto":
             return self.test_branch
-        return "fusion" if list(self.classnames) == list(self.trained_classnames) else "cls"
+        return "fusion" if (self.cfg.DATASET.NAME, list(self.classnames)) == self.trained_on else "cls"
 
     def select(self, z_cls, z_rep):
         branch = self.active_branch()
@@ -250,8 +251,8 @@ class MMRL(TrainerX):
         return self.select(scaled_cos(f_cls, w), scaled_cos(f_rep, w))
 
     def extra_checkpoint_state(self):
-        return {"trained_classnames": list(self.trained_classnames)}
+        return {"trained_dataset": self.trained_on[0], "trained_classnames": self.trained_on[1]}
 
     def load_extra_checkpoint_state(self, state):
         if "trained_classnames" in state:
-            self.trained_classnames = list(state["trained_classnames"])
+            self.trained_on = (state.get("trained_dataset", ""), list(state["trained_classnames"]))
