@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import train
-from engine.clip_loader import load_clip
-from engine.prompted_clip import PromptedCLIP, TowerHooks
+from engine.config import ConfigError
+from engine.prompted_clip import TowerHooks
 from tests.helpers_run import assert_metrics, assert_step_uses_la_loss, run_eval, run_train, train_args
 from tools import bench
 from trainers.mmlop import IMAGENET_TEMPLATES_60, drift_correct
@@ -114,7 +114,8 @@ def test_low_rank_prompts_are_products_with_a_shared_u(root, tmp_path, shared):
 
 def test_anchor_losses_follow_promptsrc(root, tmp_path):
     torch.manual_seed(0)
-    trainer = build(root, tmp_path, "TRAINER.MMLOP.DRIFT_CORRECTION", "off")
+    trainer = build(root, tmp_path, "TRAINER.MMLOP.DRIFT_CORRECTION", "off", "TRAINER.MMLOP.TEXT_LOSS_WEIGHT", "3.0",
+                    "TRAINER.MMLOP.IMAGE_LOSS_WEIGHT", "2.0", "TRAINER.MMLOP.LOGIT_LOSS_WEIGHT", "0.5")
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
     enc = trainer.clip
     with torch.no_grad():
@@ -131,8 +132,8 @@ def test_anchor_losses_follow_promptsrc(root, tmp_path):
     assert len(IMAGENET_TEMPLATES_60) == 60 and torch.allclose(trainer.text_anchors(), w_zs, atol=1e-6)
     p, q = F.softmax(logits, 1), F.softmax(zs, 1)
     kl = (q * (q.log() - p.log())).sum() / logits.numel()
-    expected = (F.cross_entropy(logits, labels) + 25 * (w - w_zs).abs().mean() + 10 * (f - f_zs).abs().mean()
-                + kl)
+    expected = (F.cross_entropy(logits, labels) + 3 * (w - w_zs).abs().mean() + 2 * (f - f_zs).abs().mean()
+                + 0.5 * kl)
     out = trainer.forward_backward({"img": images, "label": labels})
     assert out["loss"] == pytest.approx(expected.item(), rel=1e-4)
     assert out["loss"] > out["ce"] + 1e-3  # the anchors add something
@@ -176,3 +177,17 @@ def test_trains_on_base_and_tests_on_new(root, tmp_path):
     assert_metrics(res["results"]["test"], 10, 200)
     new = run_eval(root, tmp_path / "test_new", out, "MMLoP", CONFIG)
     assert_metrics(new["results"]["test"], 10, 200, with_head_tail=False)
+
+
+def test_initialisation_switches(root, tmp_path):
+    zero_u = build(root, tmp_path, "TRAINER.MMLOP.U_INIT_STD", "0.0").prompt_learner
+    assert torch.count_nonzero(zero_u.u) == 0 and torch.count_nonzero(zero_u.v_text) > 0
+    zero_v = build(root, tmp_path, "TRAINER.MMLOP.V_INIT_STD", "0.0").prompt_learner
+    assert torch.count_nonzero(zero_v.v_text) == 0 and torch.count_nonzero(zero_v.u) > 0
+    ivlp = build(root, tmp_path, "TRAINER.MMLOP.LOW_RANK", "False", "TRAINER.MMLOP.CTX_INIT", "a photo of a")
+    enc, pl = ivlp.clip, ivlp.prompt_learner
+    names = [n.replace("_", " ") for n in ivlp.classnames]
+    assert torch.equal(pl.tokens, enc.tokenize([f"a photo of a {n}." for n in names]))
+    assert torch.allclose(pl.p_text[0].detach(), enc.token_embedding(pl.tokens[:1])[0, 1:3])
+    with pytest.raises(ConfigError, match="CTX_INIT needs LOW_RANK False"):
+        build(root, tmp_path, "TRAINER.MMLOP.CTX_INIT", "a photo of a")

@@ -53,6 +53,9 @@ def test_dataset_tables_and_explicit_values(root, tmp_path):
                      "TRAINER.MMRL.TEST_BRANCH", "rep", "TRAINER.MMRL.SCALE", "0.4")
     assert explicit.reg_weight == 0.25 and explicit.rep.compound_rep_tokens.shape == (5, 8)
     assert explicit.active_branch() == "rep" and explicit.alpha == 0.4
+    layers = build(root, tmp_path, "TRAINER.MMRL.N_REP_TOKENS", "3", "TRAINER.MMRL.REP_LAYERS", "[10, 11, 12]")
+    assert layers.count_trainable_parameters() == 3 * 512 + 3 * (512 * 64 + 64) * 2 + 64 * 64
+    assert layers.rep.text_hooks.start_layer == 10
 
 
 def test_tokens_enter_blocks_6_to_12_after_cls_and_bot(root, tmp_path):

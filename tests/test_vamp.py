@@ -1,4 +1,5 @@
 """VaMP on MMRL: sample-specific variational text tokens, class-aware prior, KL, S-sample inference."""
+import math
 import os
 
 import pytest
@@ -170,6 +171,20 @@ def test_test_time_sampling_is_deterministic_and_never_uses_the_prior(root, tmp_
     assert torch.allclose(mean, 0.7 * z + 0.3 * z_rep, atol=1e-4)  # base classes: MMRL's fusion
     logits_mode = infer(TEST_MODE="logits")
     assert not torch.allclose(logits_mode, first)
+    calls = []
+    encode_text = trainer.clip.encode_text
+    monkeypatch.setattr(trainer.clip, "encode_text", lambda *a, **k: calls.append(1) or encode_text(*a, **k))
+    one_image = infer(TEST_MODE="probs", N_SAMPLES=4, MAX_TEXT_BATCH=4 * len(trainer.classnames))
+    assert len(calls) == 3 and torch.allclose(one_image, first, atol=1e-5)  # one image per call, same result
+
+
+def test_initial_sigma(root, tmp_path):
+    trainer = build(root, tmp_path, "TRAINER.VAMP.INIT_STD", "0.1")
+    with torch.no_grad():
+        post = trainer.nets.posterior_params(torch.randn(2, 64))
+    for mu, logvar in post.values():
+        assert torch.equal(mu, torch.zeros_like(mu))
+        assert torch.allclose(logvar, torch.full_like(logvar, 2 * math.log(0.1)))
 
 
 def test_la_loss_is_used_for_training(root, tmp_path):

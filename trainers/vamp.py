@@ -235,16 +235,15 @@ class VaMP(MMRL):
     def model_inference(self, images):
         if self.nets is None:
             return super().model_inference(images)
-        per_call = max(1, self.vc.MAX_TEXT_BATCH // (self.test_samples() * self.num_classes))
-        return torch.cat([self._inference(chunk) for chunk in images.split(per_call)])
-
-    def _inference(self, images):
         s = self.test_samples()
         f_cls, f_rep = self.rep.image_features(self.clip, images)
         post = self.nets.posterior_params(self.image_zero_shot(images))
         if self.vc.TEST_MODE == "mean":
             post = {l: (mu, None) for l, (mu, _) in post.items()}
-        w = self.text_features(self.sample(post, s, self.test_generator))   # (B * S, C, D)
+        shift = self.sample(post, s, self.test_generator)                  # {layer: (B * S, d_r)}, image-major
+        per_call = max(1, self.vc.MAX_TEXT_BATCH // (s * self.num_classes)) * s
+        w = torch.cat([self.text_features({l: z[i:i + per_call] for l, z in shift.items()})
+                       for i in range(0, images.shape[0] * s, per_call)])  # (B * S, C, D)
         f_cls, f_rep = f_cls.repeat_interleave(s, dim=0), f_rep.repeat_interleave(s, dim=0)
         z = self.select(scaled_cos(f_cls, w), scaled_cos(f_rep, w)).view(images.shape[0], s, -1)
         if self.vc.TEST_MODE == "probs":
