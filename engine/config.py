@@ -129,6 +129,9 @@ def _base_defaults():
     # This project: exact speed-ups of the prompt-aware CLIP encoder (engine/prompted_clip.py).
     _C.MODEL.TRUNCATE_TEXT = True  # drop text tokens after the last EOT (exact under the causal mask)
     _C.MODEL.TEXT_PREFIX_CACHE = True  # cache text layers that no prompt touches
+    # BOT, prompts and shared template words computed once per image (or once), class tokens per sequence;
+    # last text block at EOT only (exact; False = every position of every sequence, for comparison)
+    _C.MODEL.SHARED_TEXT_PREFIX = True
 
     # ---------------- Optimization
     _C.OPTIM = CN()

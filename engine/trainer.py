@@ -122,7 +122,8 @@ class TrainerX:
         name = self.cfg.MODEL.BACKBONE.NAME
         model = load_clip(name, self.cfg.MODEL.BACKBONE.PATH)
         enc = PromptedCLIP(model, truncate_text=self.cfg.MODEL.TRUNCATE_TEXT,
-                           cache_text_prefix=self.cfg.MODEL.TEXT_PREFIX_CACHE)
+                           cache_text_prefix=self.cfg.MODEL.TEXT_PREFIX_CACHE,
+                           shared_text_prefix=self.cfg.MODEL.SHARED_TEXT_PREFIX)
         return enc.to(self.device)
 
     def check_input_size(self):

@@ -20,6 +20,8 @@ NAMES = ["red circle", "blue square", "green_triangle"]
 class Recorder(TowerHooks):
     """Wraps a method's hooks and keeps a copy of the sequence after the embedding hook and entering each block."""
 
+    shared_prefix_ok = False  # reads the sequences directly: always the plain path
+
     def __init__(self, inner):
         self.inner = inner
         self.start_layer = inner.start_layer

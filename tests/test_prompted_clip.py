@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from engine.clip_loader import load_clip, resolve_weights_path
-from engine.prompted_clip import (PromptedCLIP, TowerHooks, append_tokens, insert_after_first, repeat_batch,
+from engine.prompted_clip import (PromptedCLIP, TowerHooks, TowerState, append_tokens, insert_after_first, repeat_batch,
                                   replace_after_first)
 
 PROMPTS = ["a photo of a dog.", "a photo of a red circle, a type of shape.", "x", "a centered satellite photo of forest."]
@@ -104,12 +104,8 @@ def test_inserted_prompts_change_the_text_features(tiny):
 
 
 def test_token_helpers():
-    class S:
-        eot = torch.tensor([4, 2])
-        n_inserted = 0
-
     x = torch.arange(2 * 6 * 1, dtype=torch.float).view(2, 6, 1)
-    state = S()
+    state = TowerState("text", eot=torch.tensor([4, 2]))
     y = insert_after_first(x, torch.full((1, 2, 1), -1.0), state)
     assert y.shape == (2, 8, 1)
     assert y[0, :4, 0].tolist() == [0, -1, -1, 1]

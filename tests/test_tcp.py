@@ -24,6 +24,8 @@ TEMPLATE = "a photo of a {}."
 class Recorder(TowerHooks):
     """Wraps a method's hooks; keeps the sequence entering each block before and after the method's hook."""
 
+    shared_prefix_ok = False  # reads the sequences directly: always the plain path
+
     def __init__(self, inner):
         self.inner = inner
         self.start_layer = inner.start_layer

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ConfigError
-from engine.prompted_clip import TowerHooks, repeat_batch
+from engine.prompted_clip import TowerHooks, repeat_batch, write_tokens
 
 
 def template_prompts(template, classnames):
@@ -83,17 +83,9 @@ class ContextHooks(TowerHooks):
         self.per_image = False
 
     def embed(self, x, state):
-        positions = self.positions.to(x.device)
-        num_cls, n = positions.shape
-        ctx = self.ctx.to(x.dtype)
+        ctx = self.ctx
         if self.per_image:
-            batch = ctx.shape[0]
-            x = repeat_batch(x, state, batch)
-            positions = positions.repeat(batch, 1)
-            ctx = ctx.unsqueeze(1).expand(batch, num_cls, n, -1).reshape(batch * num_cls, n, -1)
+            x = repeat_batch(x, state, ctx.shape[0])          # one context per image (group)
         elif ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(num_cls, -1, -1)
-        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand(-1, n)
-        x = x.clone()
-        x[rows, positions] = ctx
-        return x
+            ctx = ctx.unsqueeze(0)                              # shared by every class
+        return write_tokens(x, self.positions, ctx, state)

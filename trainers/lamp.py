@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
-from engine.prompted_clip import TowerHooks, insert_after_first, repeat_batch, replace_after_first
+from engine.prompted_clip import TowerHooks, as_tensor, insert_after_first, repeat_batch, replace_after_first
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
 from trainers.common import cosine_logits, template_prompts
@@ -200,7 +200,7 @@ class _VisionHooks(_LampHooks):
             o.indices[l] = idx
             o.sim_losses.append(sim)
         prompts = layer.prompts(layer.pool_v, layer.proj_v, idx, x.shape[0])
-        return insert_after_first(x, prompts, state) if first else replace_after_first(x, prompts)
+        return insert_after_first(x, prompts, state) if first else replace_after_first(x, prompts, state)
 
 
 class _TextHooks(_LampHooks):
@@ -208,20 +208,20 @@ class _TextHooks(_LampHooks):
     EOT class-wise: each class sequence retrieves its own entries with its EOT state (C sequences)."""
 
     def prompt(self, o, layer, first, l, x, state):
-        idx, batch = None, x.shape[0]
+        idx = None
         if o.cfg.USE_POOL and o.cfg.TEXT_SELECTION == "paired":
             idx = o.indices[l]                                   # (B, K) from the vision pass
             if first:
-                x = repeat_batch(x, state, idx.shape[0])
-            n_cls = x.shape[0] // idx.shape[0]
-            prompts = layer.prompts(layer.pool_t, layer.proj_t, idx, idx.shape[0])
-            prompts = prompts.repeat_interleave(n_cls, dim=0)    # row b*C + c gets image b's prompts
+                x = repeat_batch(x, state, idx.shape[0])         # row b*C + c: class c for image b
+            prompts = layer.prompts(layer.pool_t, layer.proj_t, idx, idx.shape[0])  # one set per image
+        elif o.cfg.USE_POOL:
+            x = as_tensor(x)                                     # class-wise prompts: nothing to share
+            eot_state = x[torch.arange(x.shape[0], device=x.device), state.eot].float()
+            idx, _ = o.retrieve(layer, eot_state, layer.text_keys())
+            prompts = layer.prompts(layer.pool_t, layer.proj_t, idx, x.shape[0])
         else:
-            if o.cfg.USE_POOL:
-                eot_state = x[torch.arange(batch, device=x.device), state.eot].float()
-                idx, _ = o.retrieve(layer, eot_state, layer.text_keys())
-            prompts = layer.prompts(layer.pool_t, layer.proj_t, idx, batch)
-        return insert_after_first(x, prompts, state) if first else replace_after_first(x, prompts)
+            prompts = layer.prompts(layer.pool_t, layer.proj_t, None, 1)  # shared prompts only
+        return insert_after_first(x, prompts, state) if first else replace_after_first(x, prompts, state)
 
 
 @TRAINER_REGISTRY.register("LAMP")

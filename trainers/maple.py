@@ -41,7 +41,7 @@ class MaPLeTextHooks(ContextHooks):
 
     def before_block(self, layer, x, state):
         prompts = self.deep.get(layer)
-        return x if prompts is None else replace_after_first(x, prompts.unsqueeze(0))
+        return x if prompts is None else replace_after_first(x, prompts.unsqueeze(0), state)
 
 
 class MaPLeVisionHooks(TowerHooks):

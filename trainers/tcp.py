@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.prompted_clip import write_tokens
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
 from trainers.common import ContextHooks, build_context_prompts, cosine_logits, frozen_text_features, init_context
@@ -61,13 +62,8 @@ class TCPTextHooks(ContextHooks):
     def before_block(self, layer, x, state):
         if layer != self.layer or self.class_tokens is None:
             return x
-        positions = self.positions.to(x.device)
-        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(positions)
-        tokens = self.class_tokens.to(x.dtype)
-        w = self.weight
-        x = x.clone()
-        x[rows, positions] = tokens if w == 1 else w * tokens + (1 - w) * x[rows, positions]
-        return x
+        # Class-aware tokens differ per class: the shared-prefix path leaves off here (write_tokens checks).
+        return write_tokens(x, self.positions, self.class_tokens, state, weight=self.weight)
 
 
 class TCPPromptLearner(nn.Module):
