@@ -83,11 +83,9 @@ class RepTokenHooks(TowerHooks):
             return x
         if layer == self.start_layer and tokens.shape[0] > 1 and state.tower == "text":
             x = repeat_batch(x, state, tokens.shape[0])
-        if not hasattr(state, "groups") and tokens.shape[0] not in (1, x.shape[0]):  # TEMP until group tokens land
-            tokens = tokens.repeat_interleave(x.shape[0] // tokens.shape[0], dim=0)
         if layer == self.start_layer:
             return insert_after_first(x, tokens, state)
-        return replace_after_first(x, tokens)
+        return replace_after_first(x, tokens, state)
 
 
 class MMRLRepresentation(nn.Module):
