@@ -204,3 +204,28 @@ def test_trains_with_prototypes_and_tests_on_new(root, tmp_path):
     assert protos.shape == (10, 64) and torch.allclose(protos.norm(dim=-1), torch.ones(10), atol=1e-5)
     new = run_eval(root, tmp_path / "test_new", out, "VaMP", CONFIG, "TRAINER.VAMP.N_SAMPLES", "1")
     assert_metrics(new["results"]["test"], 10, 200, with_head_tail=False)
+
+
+def test_prototypes_travel_with_the_checkpoint_and_are_not_recomputed_on_resume(root, tmp_path, monkeypatch):
+    trainer = build(root, tmp_path / "a")
+    trainer.before_train(resumed=False)
+    labels = torch.tensor([d.label for d in trainer.dataset.train_x])
+    assert trainer.prototypes.shape == (10, 64) and all((labels == c).any() for c in range(10))
+    loader = trainer.dm.build_loader(trainer.dataset.train_x, 100, is_train=False)
+    feats, ys = [], []
+    with torch.no_grad():
+        for batch in loader:
+            feats.append(F.normalize(trainer.clip.encode_image(batch["img"]), dim=-1))
+            ys.append(batch["label"])
+    feats, ys = torch.cat(feats), torch.cat(ys)
+    expected = F.normalize(torch.stack([feats[ys == c].mean(0) for c in range(10)]), dim=-1)
+    assert torch.allclose(trainer.prototypes, expected, atol=1e-5)
+    state = trainer.extra_checkpoint_state()
+    resumed = build(root, tmp_path / "b")
+    resumed.load_extra_checkpoint_state(state)
+    monkeypatch.setattr(resumed, "class_prototypes", lambda *a: pytest.fail("prototypes recomputed"))
+    resumed.before_train(resumed=True)
+    assert torch.equal(resumed.prototypes, trainer.prototypes)
+    new = build(root, tmp_path / "c", subsample="new")  # another class set never takes them
+    new.load_extra_checkpoint_state(state)
+    assert new.prototypes is None

@@ -161,7 +161,7 @@ class VaMP(MMRL):
 
     def load_extra_checkpoint_state(self, state):
         super().load_extra_checkpoint_state(state)
-        if "prototypes" in state and self.num_classes == len(state["prototypes"]):
+        if "prototypes" in state and state.get("trained_classnames") == list(self.classnames):  # a resume
             self.prototypes = state["prototypes"].to(self.device)
 
     # ---- training
