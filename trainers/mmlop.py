@@ -16,7 +16,11 @@ over the class set being scored.
 Switches (the paper's ablation chain, Table 4): LOW_RANK off = IVLP (free n x D prompts); ANCHORS;
 DRIFT_CORRECTION train_test | test | off; SHARED_U (off: U^t and U^v); U_PER_LAYER (off: one U for all
 layers); RANK; PROMPT_DEPTH. Every [inferred] choice of methods.md §4 is the default here: n = 2,
-U per layer, U ~ N(0, 1), V ~ N(0, 0.02^2), text placeholder "X X", drift correction also in training.
+U per layer, U ~ N(0, 1), V ~ N(0, 0.02^2), text placeholder "X X", drift correction also in training,
+PromptSRC's distances and weights for the anchor losses (methods.md writes the logit term as
+KL(p || p_zs); PromptSRC's F.kl_div(log p, log p_zs) is KL(p_zs || p), which is what runs here), and no
+PromptSRC Gaussian prompt aggregation. The IVLP row (LOW_RANK False) keeps depth J and the "X X" layout
+unless CTX_INIT is given; official IVLP uses depth 12 and "a photo of a" (set PROMPT_DEPTH / CTX_INIT).
 """
 import torch
 import torch.nn as nn
