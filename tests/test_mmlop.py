@@ -195,3 +195,13 @@ def test_initialisation_switches(root, tmp_path):
     assert torch.allclose(pl.p_text[0].detach(), enc.token_embedding(pl.tokens[:1])[0, 1:3])
     with pytest.raises(ConfigError, match="CTX_INIT needs LOW_RANK False"):
         build(root, tmp_path, "TRAINER.MMLOP.CTX_INIT", "a photo of a")
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["TRAINER.MMLOP.DRIFT_CORRECTION", "always"], "DRIFT_CORRECTION must be one of"),
+    (["TRAINER.MMLOP.PROMPT_DEPTH", "13"], "PROMPT_DEPTH must be in 1..12"),
+    (["TRAINER.MMLOP.RANK", "0"], "N_CTX and RANK must be >= 1"),
+])
+def test_bad_settings_give_clear_errors(root, tmp_path, opts, message):
+    with pytest.raises(ConfigError, match=message):
+        build(root, tmp_path, *opts)
