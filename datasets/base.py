@@ -96,6 +96,7 @@ class DatasetBase:
         if self.test_only:
             result.train = result.test
         self.train_x, self.val, self.test = result.train, result.val, result.test
+        self.train_x_before_lt = result.test if self.test_only else result.train_before_lt
         self.all_classnames = result.all_classnames
         m = math.ceil(len(self.all_classnames) / 2)
         self.base_classnames = self.all_classnames[:m]

@@ -55,7 +55,9 @@ def resolve_weights_path(name, explicit_path=""):
         f"CLIP weights for '{name}' not found. Looked in:\n  {looked}\n"
         f"Provide the OpenAI checkpoint '{filename}' by copying it into one of these folders, by setting "
         f"{WEIGHTS_ENV}=/folder/with/checkpoints, or with MODEL.BACKBONE.PATH /path/to/{filename}. "
-        f"This harness never downloads weights. For a weight-free run use MODEL.BACKBONE.NAME tiny "
+        f"Training never downloads weights; `bash scripts/prepare_data.sh --weights {name}` fetches them into "
+        f"{default_weight_dirs()[0]}. "
+        f"For a weight-free run use MODEL.BACKBONE.NAME tiny "
         f"(or ViT-B/16-random).")
 
 

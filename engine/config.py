@@ -371,6 +371,10 @@ def validate_cfg(cfg):
     choice("OPTIM.NAME", o.NAME, OPTIMIZERS)
     choice("OPTIM.LR_SCHEDULER", o.LR_SCHEDULER, LR_SCHEDULERS)
     choice("OPTIM.WARMUP_TYPE", o.WARMUP_TYPE, WARMUP_TYPES)
+    if o.WARMUP_EPOCH >= o.MAX_EPOCH:
+        raise ConfigError(
+            f"OPTIM.WARMUP_EPOCH ({o.WARMUP_EPOCH}) covers every epoch (OPTIM.MAX_EPOCH {o.MAX_EPOCH}): the run would "
+            f"only see the warm-up lr and learn (almost) nothing; set OPTIM.WARMUP_EPOCH 0 or raise OPTIM.MAX_EPOCH")
     return cfg
 
 

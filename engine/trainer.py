@@ -33,6 +33,7 @@ from engine.optim import build_lr_scheduler, build_optimizer
 from engine.prompted_clip import PromptedCLIP
 
 CKPT_PREFIX = "model.pth.tar-"
+PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -106,7 +107,7 @@ class TrainerX:
         self.clip = self.build_clip()
         self.check_input_size()
         self.build_model()
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "amp" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "amp" else None  # not for bf16
         self.log(f"Trainer {cfg.TRAINER.NAME} on {self.device} ({self.precision}); "
                  f"{self.num_classes} classes; {self.count_trainable_parameters():,} trainable parameters")
 
@@ -114,8 +115,12 @@ class TrainerX:
     def _resolve_precision(self):
         node = trainer_node(self.cfg)
         prec = node.get("PREC", "fp32") if node is not None else "fp32"
+        if prec not in PRECISIONS:
+            raise ConfigError(f"TRAINER.{self.cfg.TRAINER.NAME.upper()}.PREC must be one of {PRECISIONS}, got '{prec}'")
+        if prec == "bf16":
+            return "bf16"  # autocast in bfloat16 on CPU and CUDA; fp32 master weights, no loss scaling
         if self.device.type != "cuda":
-            return "fp32"
+            return "fp32"  # fp16 autocast is a GPU mode; the CPU runs fp32
         return "amp" if prec in ("amp", "fp16") else "fp32"
 
     def build_clip(self):
@@ -153,6 +158,8 @@ class TrainerX:
     def autocast(self):
         if self.precision == "amp":
             return torch.autocast("cuda", dtype=torch.float16)
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # ---- losses / updates
@@ -161,22 +168,33 @@ class TrainerX:
             return logit_adjusted_ce(logits, labels, self.dataset.train_counts, tau=self.cfg.TRAINER.LA_TAU)
         return F.cross_entropy(logits, labels)
 
-    def model_backward_and_update(self, loss, names=None):
+    def _optims_of(self, names=None):
         names = list(self._optims) if names is None else names
-        optims = [self._optims[n] for n in names if self._optims[n] is not None]
-        for o in optims:
+        return [self._optims[n] for n in names if self._optims[n] is not None]
+
+    def model_zero_grad(self, names=None):
+        for o in self._optims_of(names):
             o.zero_grad(set_to_none=True)
+
+    def model_backward(self, loss):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch + 1}; lower OPTIM.LR or check the data")
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def model_update(self, names=None):
+        optims = self._optims_of(names)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             for o in optims:
                 self.scaler.step(o)
             self.scaler.update()
         else:
-            loss.backward()
             for o in optims:
                 o.step()
+
+    def model_backward_and_update(self, loss, names=None):
+        self.model_zero_grad(names)
+        self.model_backward(loss)
+        self.model_update(names)
 
     def get_current_lr(self):
         for o in self._optims.values():
@@ -454,4 +472,5 @@ class TrainerX:
         return self.write_results(results)
 
     def after_eval_only_load(self):
-        """Hook between loading and evaluating (LAMP adapts its new-class bias here)."""
+        """Hook between loading the checkpoint and evaluating (LAMP adapts its new-class bias later, in
+        ``evaluate_all``, so that both of its new-class numbers come from one run)."""

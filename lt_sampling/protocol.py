@@ -57,6 +57,7 @@ class ProtocolResult:
     train_counts: list = field(default_factory=list)
     head_labels: list = field(default_factory=list)
     tail_labels: list = field(default_factory=list)
+    train_before_lt: list = field(default_factory=list)  # the capped train split before down-sampling
 
 
 def apply_protocol(train, val, test, *, seed, subsample="all", imb_factor=1.0, profile="exp",
@@ -72,9 +73,10 @@ def apply_protocol(train, val, test, *, seed, subsample="all", imb_factor=1.0, p
     all_classnames = get_classnames(train, val, test)
     train, val, test = subsample_classes(train, val, test, subsample=subsample)
     classnames = get_classnames(train, val, test)
+    train_before_lt = list(train)
     if long_tailed and imb_factor > 1:
         rng = stage_seed(seed, "long_tailed")
         train = downsample_long_tailed(train, imb_factor, profile, rng, step_head_fraction)
     counts = counts_per_label(train, len(classnames))
     head, tail = head_tail_groups(counts, head_fraction)
-    return ProtocolResult(train, val, test, all_classnames, classnames, counts, head, tail)
+    return ProtocolResult(train, val, test, all_classnames, classnames, counts, head, tail, train_before_lt)

@@ -164,7 +164,7 @@ def test_end_to_end_base_then_new_with_bias_adaptation(root, tmp_path):
 
 def test_new_test_scores_new_names_and_adapts_a_separate_bias(root, tmp_path):
     train_dir = tmp_path / "train_base"
-    run_train(root, train_dir, "LAMP", CONFIG, "OPTIM.MAX_EPOCH", "1")
+    run_train(root, train_dir, "LAMP", CONFIG, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")
     t = build(root, tmp_path, subsample="new")
     t.load_model(str(train_dir))
     names = t.dataset.new_classnames
@@ -234,7 +234,7 @@ def test_every_ablation_switch_runs_and_changes_the_computation(root, tmp_path, 
 
 def test_new_bias_adaptation_switch(root, tmp_path):
     train_dir = tmp_path / "train_base"
-    run_train(root, train_dir, "LAMP", CONFIG, "OPTIM.MAX_EPOCH", "1")
+    run_train(root, train_dir, "LAMP", CONFIG, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")
     res = run_eval(root, tmp_path / "new", train_dir, "LAMP", CONFIG, "TRAINER.LAMP.NEW_BIAS_ADAPT", "False")
     assert set(res["results"]) == {"test"}
 
@@ -252,7 +252,7 @@ def test_impossible_settings_are_rejected(root, tmp_path, capsys, opts, message)
 
 def test_scripts_run_skip_finished_seeds_and_cover_xd_dg(root, tmp_path):
     env = dict(os.environ, DATA=str(root), OUTPUT=str(tmp_path / "out"),
-               EXTRA="MODEL.BACKBONE.NAME tiny INPUT.SIZE (32,32) DATALOADER.NUM_WORKERS 0 OPTIM.MAX_EPOCH 1 "
+               EXTRA="MODEL.BACKBONE.NAME tiny INPUT.SIZE (32,32) DATALOADER.NUM_WORKERS 0 OPTIM.MAX_EPOCH 1 OPTIM.WARMUP_EPOCH 0 "
                      "DATALOADER.TRAIN_X.BATCH_SIZE 16",
                XD_SOURCE="synthetic_shapes", XD_TARGETS="synthetic_shapes", DG_TARGETS="synthetic_shapes")
     cmd = ["bash", str(REPO / "scripts/lamp/base2new.sh"), "synthetic_shapes", "10", "1"]

@@ -86,8 +86,8 @@ def test_interrupted_run_resumes_to_the_same_result(root, tmp_path, monkeypatch)
 
 
 def test_same_seed_same_metrics_on_cpu(root, tmp_path):
-    a = run_train(root, tmp_path / "a", "CoOp", "vit_b16_ep50_ctxv1.yaml", "OPTIM.MAX_EPOCH", "1")
-    b = run_train(root, tmp_path / "b", "CoOp", "vit_b16_ep50_ctxv1.yaml", "OPTIM.MAX_EPOCH", "1")
+    a = run_train(root, tmp_path / "a", "CoOp", "vit_b16_ep50_ctxv1.yaml", "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")
+    b = run_train(root, tmp_path / "b", "CoOp", "vit_b16_ep50_ctxv1.yaml", "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")
     assert a["results"] == b["results"] and a["manifest_hash"] == b["manifest_hash"]
 
 

@@ -6,10 +6,20 @@
     python -m tools.bench --trainer LAMP MODEL.TEXT_PREFIX_CACHE False MODEL.TRUNCATE_TEXT False
 
 Without --config-file the trainer's default config (its ``default_config`` in configs/trainers/<NAME>/)
-is used. Images and labels are random tensors; class names are "class 0".."class C-1".
+is used. Images and labels are random tensors; class names are real object names of 1-3 words (so the
+shared text prefix is the template only, as on real datasets).
+
+Memory: "activation" is what one training step saves for backward (bytes of the tensors autograd keeps,
+counted by ``saved_tensors_hooks``; device independent) and, on the process level, peak minus the memory
+resident before the timed steps (RSS on CPU, allocated memory on CUDA). Text sequences per step are counted
+at the encoder. With ``--estimate-for BxC`` a second, smaller class set is measured too, which separates the
+bytes per text sequence from the per-image part, and the peak for B images and C classes is estimated as
+model + trainable state (grad, two optimizer moments) + B x per-image bytes + per-sequence bytes x the
+sequences one backward pass holds (LAMP: its micro-batch under MAX_TEXT_SEQS_WITH_GRAD).
 A benchmark, not a test: numbers depend on the machine.
 """
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -25,7 +35,25 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from engine.clip_loader import RANDOM_ARCHS  # noqa: E402
 from engine.config import build_cfg  # noqa: E402
+from engine.checkpoint import atomic_write_json  # noqa: E402
 from engine.registry import TRAINER_REGISTRY  # noqa: E402
+
+
+NAMES = ("face", "leopard", "motorbike", "accordion", "airplane", "anchor", "ant", "barrel", "bass", "beaver",
+         "binocular", "bonsai", "brain", "brontosaurus", "buddha", "butterfly", "camera", "cannon", "car side",
+         "ceiling fan", "cellphone", "chair", "chandelier", "cougar body", "cougar face", "crab", "crayfish",
+         "crocodile", "crocodile head", "cup", "dalmatian", "dollar bill", "dolphin", "dragonfly", "electric guitar",
+         "elephant", "emu", "euphonium", "ewer", "ferry", "flamingo", "flamingo head", "garfield", "gerenuk",
+         "gramophone", "grand piano", "hawksbill", "headphone", "hedgehog", "helicopter")  # Caltech101 names
+
+
+def class_names(n, offset=0):
+    """n distinct names; past the list, a number is appended ("leopard 2")."""
+    out = []
+    for i in range(offset, offset + n):
+        name = NAMES[i % len(NAMES)]
+        out.append(name if i < len(NAMES) else f"{name} {i // len(NAMES)}")
+    return out
 
 
 class BenchDataset:
@@ -34,8 +62,8 @@ class BenchDataset:
     def __init__(self, num_classes, num_new=None):
         from datasets.base import Datum
         num_new = num_classes if num_new is None else num_new
-        self.classnames = [f"class {i}" for i in range(num_classes)]
-        self.new_classnames = [f"new class {i}" for i in range(num_new)]
+        self.classnames = class_names(num_classes)
+        self.new_classnames = class_names(num_new, offset=num_classes)
         self.base_classnames = list(self.classnames)
         self.all_classnames = self.classnames + self.new_classnames
         self.num_classes = num_classes
@@ -62,6 +90,89 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def current_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def saved_activation_bytes(step_fn):
+    """Bytes of the tensors autograd saves for backward during ``step_fn`` (each storage counted once)."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen and storage.nbytes() > 0:
+            seen.add(key)
+            total[0] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step_fn()
+    return total[0]
+
+
+def count_text_sequences(trainer, step_fn):
+    """Text sequences that went through the encoder with gradient during ``step_fn``."""
+    counts, original = [], trainer.clip.encode_text
+
+    def counting(tokens, hooks=None, **kw):
+        out = original(tokens, hooks, **kw)
+        if torch.is_grad_enabled():
+            counts.append((out[0] if isinstance(out, tuple) else out).shape[0])
+        return out
+
+    trainer.clip.encode_text = counting
+    try:
+        step_fn()
+    finally:
+        trainer.clip.encode_text = original
+    return sum(counts)
+
+
+def build_trainer(args, config_file, num_classes, out):
+    size_opts = []
+    if args.backbone in RANDOM_ARCHS:  # random archs have their own input resolution (tiny: 32 px)
+        res = RANDOM_ARCHS[args.backbone]["image_resolution"]
+        size_opts = ["INPUT.SIZE", f"({res}, {res})"]
+    ns = argparse.Namespace(root="", seed=1, trainer=args.trainer, config_file=config_file,
+                            dataset_config_file="", output_dir=out,
+                            opts=["MODEL.BACKBONE.NAME", args.backbone, "DATALOADER.TRAIN_X.BATCH_SIZE",
+                                  str(args.batch), "DATALOADER.NUM_WORKERS", "0"] + size_opts
+                            + list(args.opts or []))
+    cfg = build_cfg(ns)
+    return TRAINER_REGISTRY.get(args.trainer)(cfg, dataset=BenchDataset(num_classes))
+
+
+def random_batch(trainer, batch, classes, seed=0):
+    res = trainer.clip.clip.visual.input_resolution
+    gen = torch.Generator().manual_seed(seed)
+    return {"img": torch.randn(batch, 3, res, res, generator=gen),
+            "label": torch.randint(0, classes, (batch,), generator=gen), "index": torch.arange(batch)}
+
+
+def parse_size(text):
+    try:
+        b, c = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--estimate-for takes BxC (images x classes), e.g. 32x1000; got '{text}'")
+    return b, c
+
+
+def estimate_peak(trainer, per_seq, per_image, batch, classes):
+    """Bytes: the model, the trainable state, and one backward pass's activations for (batch, classes)."""
+    model = sum(p.numel() * p.element_size() for p in trainer.clip.parameters())
+    trainable = sum(p.numel() * p.element_size() for m in trainer._models.values() for p in m.parameters()
+                    if p.requires_grad)
+    images = batch
+    if hasattr(trainer, "images_per_micro_batch"):
+        images = trainer.images_per_micro_batch(batch, classes)
+    seqs = images * classes if per_seq else 0
+    return model + 4 * trainable + images * per_image + seqs * per_seq, images, seqs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainer", required=True)
@@ -72,32 +183,21 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--config-file", default="")
     p.add_argument("--params-only", action="store_true", help="print only the trainable parameter count")
+    p.add_argument("--estimate-for", type=parse_size, default=None, metavar="BxC",
+                   help="also estimate the peak memory of a training step with B images and C classes")
+    p.add_argument("--out", default="", help="also write the figures as JSON to this file")
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
 
     import trainers  # noqa: F401
     config_file = args.config_file or default_config_file(args.trainer)
-    size_opts = []
-    if args.backbone in RANDOM_ARCHS:  # random archs have their own input resolution (tiny: 32 px)
-        res = RANDOM_ARCHS[args.backbone]["image_resolution"]
-        size_opts = ["INPUT.SIZE", f"({res}, {res})"]
     with tempfile.TemporaryDirectory() as out:
-        ns = argparse.Namespace(root="", seed=1, trainer=args.trainer, config_file=config_file,
-                                dataset_config_file="", output_dir=out,
-                                opts=["MODEL.BACKBONE.NAME", args.backbone, "DATALOADER.TRAIN_X.BATCH_SIZE",
-                                      str(args.batch), "DATALOADER.NUM_WORKERS", "0"] + size_opts
-                                + list(args.opts or []))
-        cfg = build_cfg(ns)
-        trainer = TRAINER_REGISTRY.get(args.trainer)(cfg, dataset=BenchDataset(args.classes))
+        trainer = build_trainer(args, config_file, args.classes, out)
         n_params = trainer.count_trainable_parameters()
         if args.params_only:
             print(n_params)
             return 0
-        res = trainer.clip.clip.visual.input_resolution
-        gen = torch.Generator().manual_seed(0)
-        batch = {"img": torch.randn(args.batch, 3, res, res, generator=gen),
-                 "label": torch.randint(0, args.classes, (args.batch,), generator=gen),
-                 "index": torch.arange(args.batch)}
+        batch = random_batch(trainer, args.batch, args.classes)
         trainer.set_model_mode("train")
         if hasattr(trainer, "prepare_benchmark"):
             trainer.prepare_benchmark(batch)
@@ -111,6 +211,10 @@ def main(argv=None):
             step_fn = torch.no_grad()(lambda: trainer.model_inference(batch["img"].to(trainer.device)))
         times = []
         for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                resident = current_memory_mb(trainer.device)
+                if trainer.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             tic = time.perf_counter()
@@ -119,14 +223,46 @@ def main(argv=None):
                 torch.cuda.synchronize()
             if step >= args.warmup:
                 times.append((time.perf_counter() - tic) * 1000)
+        peak = peak_memory_mb(trainer.device)
+        figures = {"trainer": args.trainer, "config": os.path.basename(config_file), "backbone": args.backbone,
+                   "device": str(trainer.device), "precision": trainer.precision, "batch": args.batch,
+                   "classes": args.classes, "opts": list(args.opts or []), "trainable_params": n_params,
+                   "step_kind": step_kind, "ms_per_step": statistics.median(times), "ms_min": min(times),
+                   "ms_max": max(times), "peak_mb": peak, "resident_mb": resident}
         print(f"trainer            {args.trainer} ({os.path.basename(config_file) or 'registered defaults'})")
         print(f"backbone           {args.backbone} on {trainer.device} ({trainer.precision})")
         print(f"batch / classes    {args.batch} / {args.classes}")
         print(f"trainable params   {n_params:,}")
         print(f"ms / {step_kind} step {statistics.median(times):.1f} (median of {len(times)}, "
               f"min {min(times):.1f}, max {max(times):.1f}; {args.warmup} warm-up)")
-        print(f"peak memory        {peak_memory_mb(trainer.device):.0f} MiB "
-              f"({'CUDA allocated' if trainer.device.type == 'cuda' else 'process max RSS'})")
+        kind = "CUDA allocated" if trainer.device.type == "cuda" else "process RSS"
+        print(f"peak memory        {peak:.0f} MiB ({kind}); resident before the steps {resident:.0f} MiB; "
+              f"activation (peak - resident) {peak - resident:.0f} MiB")
+        if n_params:
+            seqs = count_text_sequences(trainer, step_fn)
+            saved = saved_activation_bytes(step_fn)
+            figures.update(text_seqs_per_step=seqs, saved_activation_bytes=saved)
+            print(f"text seqs / step   {seqs:,} (with gradient)")
+            print(f"saved activations  {saved / 2**20:.1f} MiB per step (tensors kept for backward)")
+            if args.estimate_for:
+                small = max(1, args.classes // 2)
+                other = build_trainer(args, config_file, small, out)
+                other.set_model_mode("train")
+                other_batch = random_batch(other, args.batch, small)
+                other_step = lambda: other.forward_backward(other_batch)  # noqa: E731
+                seqs_small, saved_small = count_text_sequences(other, other_step), saved_activation_bytes(other_step)
+                per_seq = (saved - saved_small) / (seqs - seqs_small) if seqs != seqs_small else 0.0
+                per_image = (saved - per_seq * seqs) / args.batch
+                b, c = args.estimate_for
+                total, images, held = estimate_peak(trainer, per_seq, per_image, b, c)
+                figures.update(activation_bytes_per_seq=per_seq, activation_bytes_per_image=per_image,
+                               estimate_for=[b, c], estimated_peak_bytes=total, estimate_images_per_backward=images)
+                print(f"activation / seq   {per_seq / 2**20:.3f} MiB per text sequence; {per_image / 2**20:.1f} MiB "
+                      f"per image (measured at {args.classes} and {small} classes)")
+                print(f"estimated peak for B={b}, C={c}: {total / 2**30:.1f} GiB ({images} images x {c} classes = "
+                      f"{held:,} text sequences per backward pass; {trainer.precision})")
+        if args.out:
+            atomic_write_json(figures, args.out)
     return 0
 
 

@@ -8,6 +8,7 @@ of the same entries into every class sequence of that image (B x C text sequence
 step the Load Balancing Optimization moves the bias against over-used entries (corrected sign, §2.4).
 """
 import math
+import random
 
 import torch
 import torch.nn as nn
@@ -41,13 +42,20 @@ def add_lamp_config(cfg):
     c.GAMMA_SCHEDULE = "cosine"  # cosine decay over all training steps, or constant
     c.QUERY_SOURCE = "layer_cls"  # layer_cls: cls entering block l; frozen_cls: same state in a prompt-free pass
     c.KEY_TYPE = "projected"  # projected: key = mean projected visual prompt; learned: extra key in R^width
-    c.TEXT_SELECTION = "paired"  # paired: text prompts of the image's entries; eot_classwise: per class by EOT
+    c.TEXT_SELECTION = "paired"  # paired: text prompts of the image's entries; eot_classwise: each class
+    # sequence retrieves with its EOT state entering the layer, with its own load-balanced bias and its
+    # own similarity term in the loss (§2.1 applied to the text pool; A3-(II))
     c.TRAIN_CLASSNAMES = "base"  # base: softmax over base names; all: new names as extra negatives
     c.NEW_BIAS_ADAPT = True   # adapt a separate bias on unlabeled new-class training images (B2N new test)
     c.NEW_BIAS_BATCH = 4
     c.NEW_BIAS_EPOCHS = 1
-    c.NEW_BIAS_GAMMA = 5e-4   # constant step for the adaptation pass
-    c.TEXT_CHUNK = 4096       # max text sequences (images x classes) per text-encoder call
+    c.NEW_BIAS_GAMMA = -1.0   # constant step of the adaptation pass; < 0: GAMMA0 (so a gamma sweep moves both)
+    c.NEW_BIAS_LONG_TAILED = True  # adapt on the new-class train split as §2.5 defines it (100-cap + the same
+    # down-sampling); False: the capped split without down-sampling
+    c.TEXT_CHUNK = 4096       # max text sequences (images x classes) per text-encoder call without gradient
+    c.MAX_TEXT_SEQS_WITH_GRAD = 8192  # training: images are split into micro-batches (gradients accumulated,
+    # one optimizer step and one LBO update per batch) so that at most this many text sequences keep
+    # activations for backward at once; bounds memory on ImageNet-size class sets (exact)
     c.PREC = "amp"
 
 
@@ -71,6 +79,8 @@ class LampLayer(nn.Module):
         self.register_buffer("bias", torch.zeros(m))       # b, used for training and the base test
         self.register_buffer("bias_new", torch.zeros(m))   # b adapted on unlabeled new-class images
         self.register_buffer("load", torch.zeros(m))       # running mean of selection fractions (this epoch)
+        self.register_buffer("text_bias", torch.zeros(m))  # TEXT_SELECTION eot_classwise: the text pool's own b
+        self.register_buffer("text_load", torch.zeros(m))
 
     def vision_keys(self):
         if self.keys is not None:
@@ -115,6 +125,7 @@ class LampPrompts(nn.Module):
         self.register_buffer("epoch_steps", torch.zeros((), dtype=torch.long))  # G in §2.4
         self.use_new_bias = False
         self.indices = {}        # layer -> (B, K) retrieved entries of the last image batch
+        self.text_indices = {}   # layer -> (C, K) entries retrieved by the class sequences (eot_classwise)
         self.sim_losses = []
         self.frozen_queries = None
         self.vision_hooks = _VisionHooks(self)
@@ -127,37 +138,56 @@ class LampPrompts(nn.Module):
     def layer(self, l):
         return self.layers[str(l)]
 
-    def current_bias(self, layer):
+    def current_bias(self, layer, text=False):
         if not self.cfg.USE_LBO:
             return torch.zeros_like(layer.bias)
+        if text:
+            return layer.text_bias
         return layer.bias_new if self.use_new_bias else layer.bias
 
-    def retrieve(self, layer, query, keys):
-        """Biased top-K (descending by biased score) and the similarity term for the chosen keys."""
-        sim = F.normalize(query.detach(), dim=-1) @ F.normalize(keys, dim=-1).t()  # (B, M); stop-grad on query
-        idx = (sim.detach() + self.current_bias(layer)).topk(self.k, dim=1).indices
-        return idx, (1 - sim.gather(1, idx).mean(dim=1)).mean()
+    def retrieve(self, layer, query, keys, text=False):
+        """Biased top-K (descending by biased score) and the similarity term for the chosen keys. Scores are
+        fp32 even under autocast, so low-precision rounding never reorders the top-K."""
+        with torch.autocast(query.device.type, enabled=False):
+            sim = F.normalize(query.detach().float(), dim=-1) @ F.normalize(keys.float(), dim=-1).t()  # (B, M)
+            idx = (sim.detach() + self.current_bias(layer, text)).topk(self.k, dim=1).indices
+            return idx, (1 - sim.gather(1, idx).mean(dim=1)).mean()
 
     # ---- load balancing (§2.4)
     @torch.no_grad()
-    def lbo_update(self, gamma, use_new_bias=False):
-        if not (self.cfg.USE_LBO and self.cfg.USE_POOL) or not self.indices:
-            return
+    def record_load(self):
+        """Add the last batch's selection fractions to the running mean of this epoch (or test pass)."""
+        if not self.cfg.USE_POOL or not self.indices:
+            return False
         self.epoch_steps += 1
         g = float(self.epoch_steps)
-        target = self.k / self.cfg.POOL_SIZE
-        sign = -1.0 if self.cfg.LBO_SIGN == "corrected" else 1.0
         for l, idx in self.indices.items():
             layer = self.layer(l)
             frac = F.one_hot(idx, self.cfg.POOL_SIZE).sum(dim=1).float().mean(dim=0)  # sums to K
             layer.load.mul_((g - 1) / g).add_(frac / g)
+            if l in self.text_indices:
+                frac_t = F.one_hot(self.text_indices[l], self.cfg.POOL_SIZE).sum(dim=1).float().mean(dim=0)
+                layer.text_load.mul_((g - 1) / g).add_(frac_t / g)
+        return True
+
+    @torch.no_grad()
+    def lbo_update(self, gamma, use_new_bias=False):
+        if not (self.cfg.USE_LBO and self.cfg.USE_POOL) or not self.record_load():
+            return
+        target = self.k / self.cfg.POOL_SIZE
+        sign = -1.0 if self.cfg.LBO_SIGN == "corrected" else 1.0
+        for l in self.indices:
+            layer = self.layer(l)
             bias = layer.bias_new if use_new_bias else layer.bias
             bias.add_(sign * gamma * torch.sign(layer.load - target))
+            if l in self.text_indices and not use_new_bias:
+                layer.text_bias.add_(sign * gamma * torch.sign(layer.text_load - target))
 
     def reset_load(self):
         self.epoch_steps.zero_()
         for layer in self.layers.values():
             layer.load.zero_()
+            layer.text_load.zero_()
 
     def gamma(self, total_steps):
         g0 = self.cfg.GAMMA0
@@ -165,16 +195,18 @@ class LampPrompts(nn.Module):
             return g0
         return g0 * 0.5 * (1 + math.cos(math.pi * float(self.global_step) / total_steps))
 
-    def load_diagnostics(self):
-        """Per layer: min / max / entropy of the selection frequencies of this epoch (sum 1), and bias range."""
+    def load_diagnostics(self, use_new_bias=False):
+        """Per layer: min / max / entropy of the selection frequencies of this epoch or test pass (sum 1),
+        and the range of the bias in use (``bias_new`` with ``use_new_bias``)."""
         out = {}
         for l in self.layer_ids:
             layer = self.layer(l)
             p = layer.load / layer.load.sum().clamp_min(1e-12)
             entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+            bias = layer.bias_new if use_new_bias else layer.bias
             out[str(l)] = {"min": float(p.min()), "max": float(p.max()), "entropy": entropy,
                            "max_entropy": math.log(self.cfg.POOL_SIZE),
-                           "bias_min": float(layer.bias.min()), "bias_max": float(layer.bias.max())}
+                           "bias_min": float(bias.min()), "bias_max": float(bias.max())}
         return out
 
 
@@ -217,7 +249,9 @@ class _TextHooks(_LampHooks):
         elif o.cfg.USE_POOL:
             x = as_tensor(x)                                     # class-wise prompts: nothing to share
             eot_state = x[torch.arange(x.shape[0], device=x.device), state.eot].float()
-            idx, _ = o.retrieve(layer, eot_state, layer.text_keys())
+            idx, sim = o.retrieve(layer, eot_state, layer.text_keys(), text=True)
+            o.text_indices[l] = idx
+            o.sim_losses.append(sim)
             prompts = layer.prompts(layer.pool_t, layer.proj_t, idx, x.shape[0])
         else:
             prompts = layer.prompts(layer.pool_t, layer.proj_t, None, 1)  # shared prompts only
@@ -244,16 +278,22 @@ class LAMP(TrainerX):
         self.eval_tokens = self.clip.tokenize(template_prompts(template, self.classnames)).to(self.device)
         self.total_steps = self.max_epoch * max(1, len(self.dm.train_loader_x))
         self.load_history = []
+        self.record_test_load = False   # count selections during a test pass (new-class diagnostics)
+        self.eval_diagnostics = {}
+        self.adaptation_info = None
 
     # ---- forward
     def encode_images(self, images):
         o = self.lamp
-        o.indices, o.sim_losses, o.frozen_queries = {}, [], None
+        o.indices, o.text_indices, o.sim_losses, o.frozen_queries = {}, {}, [], None
         if o.cfg.USE_POOL and o.cfg.QUERY_SOURCE == "frozen_cls":
             o.frozen_queries = self.frozen_cls_states(images)
-        features = self.clip.encode_image(images, o.vision_hooks)
-        sim = torch.stack(o.sim_losses).sum() if o.sim_losses else features.new_zeros(())
-        return features, sim
+        return self.clip.encode_image(images, o.vision_hooks)
+
+    def similarity_loss(self):
+        """Σ over LAMP layers of the query-key term of the retrievals made since ``encode_images``."""
+        losses = self.lamp.sim_losses
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     @torch.no_grad()
     def frozen_cls_states(self, images):
@@ -277,24 +317,55 @@ class LAMP(TrainerX):
         return torch.cat(feats)
 
     def logits(self, images, tokens):
-        image_features, sim = self.encode_images(images)
+        image_features = self.encode_images(images)
         text_features = self.encode_texts(tokens, images.shape[0])
-        return cosine_logits(image_features, text_features, self.clip.logit_scale), sim
+        logits = cosine_logits(image_features, text_features, self.clip.logit_scale)
+        return logits, self.similarity_loss()
+
+    def images_per_micro_batch(self, batch, num_classes=None):
+        """Images per backward pass so that at most MAX_TEXT_SEQS_WITH_GRAD text sequences keep activations."""
+        c = self.lamp.cfg
+        num_classes = len(self.train_tokens) if num_classes is None else num_classes
+        per_image = num_classes if c.USE_POOL and c.TEXT_SELECTION == "paired" else 0
+        if per_image == 0:
+            return batch
+        return max(1, min(batch, c.MAX_TEXT_SEQS_WITH_GRAD // per_image))
 
     def forward_backward(self, batch):
+        """One optimizer step over the batch, in micro-batches of images when the per-image text pass would
+        keep too many sequences for backward: each part's loss is weighted by its share of the batch, so the
+        accumulated gradient equals the whole batch's; LBO then sees the whole batch's selections once."""
         images, labels = self.parse_batch_train(batch)
-        with self.autocast():
-            logits, sim = self.logits(images, self.train_tokens)
-            ce = self.compute_loss(logits, labels)
-            loss = ce + self.lamp.cfg.BETA * sim
-        self.model_backward_and_update(loss)
+        n = images.shape[0]
+        step = self.images_per_micro_batch(n)
+        self.model_zero_grad()
+        indices, text_indices, totals, correct = {}, {}, {"loss": 0.0, "ce": 0.0, "sim": 0.0}, 0
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            share = images[part].shape[0] / n
+            with self.autocast():
+                logits, sim = self.logits(images[part], self.train_tokens)
+                ce = self.compute_loss(logits, labels[part])
+                loss = ce + self.lamp.cfg.BETA * sim
+            self.model_backward(loss * share)
+            for l, idx in self.lamp.indices.items():
+                indices.setdefault(l, []).append(idx)
+            text_indices = self.lamp.text_indices  # class-wise selections do not depend on the image
+            for key, value in (("loss", loss), ("ce", ce), ("sim", sim)):
+                totals[key] += value.item() * share
+            correct += int((logits.argmax(1) == labels[part]).sum())
+        self.model_update()
+        self.lamp.indices = {l: torch.cat(parts) for l, parts in indices.items()}
+        self.lamp.text_indices = text_indices
         self.lamp.lbo_update(self.lamp.gamma(self.total_steps))
         self.lamp.global_step += 1
-        return {"loss": loss.item(), "ce": ce.item(), "sim": sim.item(),
-                "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+        return {**totals, "acc": correct / n * 100}
 
     def model_inference(self, images):
-        return self.logits(images, self.eval_tokens)[0]
+        logits = self.logits(images, self.eval_tokens)[0]
+        if self.record_test_load:
+            self.lamp.record_load()
+        return logits
 
     # ---- epochs, diagnostics
     def before_epoch(self):
@@ -309,15 +380,34 @@ class LAMP(TrainerX):
         super().after_epoch()
 
     def extra_results(self):
-        return {"load_diagnostics": self.load_history[-1] if self.load_history else self.lamp.load_diagnostics()}
+        out = {"load_diagnostics": self.load_history[-1] if self.load_history else self.lamp.load_diagnostics()}
+        if self.eval_diagnostics:  # new-class run: selections on the test images under each number's bias
+            out["load_diagnostics_by_eval"] = self.eval_diagnostics
+        if self.adaptation_info:
+            out["new_bias_adaptation"] = self.adaptation_info
+        return out
 
     # ---- new-class bias adaptation (§2.5) and evaluation
+    def new_bias_gamma(self):
+        c = self.lamp.cfg
+        return c.NEW_BIAS_GAMMA if c.NEW_BIAS_GAMMA >= 0 else c.GAMMA0
+
+    def adaptation_images(self):
+        """The unlabeled new-class training images in a seeded random order (§2.5: the 100-cap and the same
+        down-sampling unless NEW_BIAS_LONG_TAILED is off), so sign updates do not follow the class order."""
+        c = self.lamp.cfg
+        items = list(self.dataset.train_x if c.NEW_BIAS_LONG_TAILED else self.dataset.train_x_before_lt)
+        random.Random(f"lamp-new-bias-{self.seed}").shuffle(items)
+        return items
+
     @torch.no_grad()
     def adapt_new_bias(self):
         c = self.lamp.cfg
         for layer in self.lamp.layers.values():
             layer.bias_new.copy_(layer.bias)
-        loader = self.dm.build_loader(self.dataset.train_x, c.NEW_BIAS_BATCH, is_train=False)
+        items = self.adaptation_images()
+        loader = self.dm.build_loader(items, c.NEW_BIAS_BATCH, is_train=False, shuffle=False)
+        gamma = self.new_bias_gamma()
         self.lamp.use_new_bias = True
         self.set_model_mode("eval")
         steps = 0
@@ -326,25 +416,38 @@ class LAMP(TrainerX):
             for batch in loader:
                 with self.autocast():
                     self.encode_images(batch["img"].to(self.device))
-                self.lamp.lbo_update(c.NEW_BIAS_GAMMA, use_new_bias=True)
+                self.lamp.lbo_update(gamma, use_new_bias=True)
                 steps += 1
         self.lamp.use_new_bias = False
-        self.log(f"new-class bias adapted on {len(self.dataset.train_x)} unlabeled new-class training images "
-                 f"({steps} updates)")
+        per_class = [0] * self.num_classes
+        for item in items:
+            per_class[item.label] += 1
+        self.adaptation_info = {"images": len(items), "updates": steps, "epochs": c.NEW_BIAS_EPOCHS,
+                                "batch": c.NEW_BIAS_BATCH, "gamma": gamma, "long_tailed": bool(c.NEW_BIAS_LONG_TAILED),
+                                "images_per_class": dict(zip(self.classnames, per_class))}
+        self.log(f"new-class bias adapted on {len(items)} unlabeled new-class training images "
+                 f"({steps} updates, gamma {gamma:g}, {'long-tailed' if c.NEW_BIAS_LONG_TAILED else 'capped'} split)")
 
     def new_bias_applies(self):
         c = self.lamp.cfg
         return (c.NEW_BIAS_ADAPT and c.USE_LBO and c.USE_POOL
                 and self.cfg.DATASET.SUBSAMPLE_CLASSES == "new" and len(self.dataset.train_x) > 0)
 
+    def test_with_load(self, desc, use_new_bias=False):
+        """A test pass that also records which entries the test images select under the bias in use."""
+        self.lamp.reset_load()
+        self.lamp.use_new_bias, self.record_test_load = use_new_bias, True
+        try:
+            metrics = self.test(desc=desc)
+        finally:
+            self.lamp.use_new_bias, self.record_test_load = False, False
+        return metrics, self.lamp.load_diagnostics(use_new_bias)
+
     def evaluate_all(self):
         if not self.new_bias_applies():
             return {"test": self.test()}
         self.adapt_new_bias()
-        inductive = self.test(desc="test (inductive, training bias)")
-        self.lamp.use_new_bias = True
-        try:
-            adapted = self.test(desc="test (transductive, adapted bias)")
-        finally:
-            self.lamp.use_new_bias = False
+        inductive, diag_inductive = self.test_with_load("test (inductive, training bias)")
+        adapted, diag_adapted = self.test_with_load("test (transductive, adapted bias)", use_new_bias=True)
+        self.eval_diagnostics = {"test": diag_adapted, "test_inductive": diag_inductive}
         return {"test": adapted, "test_inductive": inductive}
