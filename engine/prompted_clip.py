@@ -422,6 +422,7 @@ class PromptedCLIP(nn.Module):
             x = hooks.embed(x, state)
         x = visual.ln_pre(x)
         x = self._run_blocks(visual.transformer.resblocks, x, False, hooks, state, 1, self.n_vision_layers)
+        state.last_hidden = x  # the final sequence, for read-outs besides cls (MMRL's representation tokens)
         out = visual.ln_post(x[:, 0, :])
         if visual.proj is not None:
             out = out @ visual.proj

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# MMRL, balanced few-shot base-to-new: SHOTS images per base class (the papers' 16-shot B2N), test on base and new.
+# usage: bash scripts/mmrl/fewshot.sh DATASET SHOTS [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
+set -euo pipefail
+TRAINER=MMRL
+if [ "${1:-}" = imagenet ]; then CFG="${CFG:-vit_b16_b2n_imagenet}"; else CFG="${CFG:-vit_b16_b2n}"; fi  # ImageNet: batch 32, 5 epochs
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+fewshot "$@"
