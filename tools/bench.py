@@ -11,7 +11,7 @@ shared text prefix is the template only, as on real datasets).
 
 Memory: "activation" is what one training step saves for backward (bytes of the tensors autograd keeps,
 counted by ``saved_tensors_hooks``; device independent) and, on the process level, peak minus the memory
-resident before the timed steps (RSS on CPU, allocated memory on CUDA). Text sequences per step are counted
+resident before the first step (RSS on CPU, which includes the allocator's caching; allocated memory on CUDA). Text sequences per step are counted
 at the encoder. With ``--estimate-for BxC`` a second, smaller class set is measured too, which separates the
 bytes per text sequence from the per-image part, and the peak for B images and C classes is estimated as
 model + trainable state (grad, two optimizer moments) + B x per-image bytes + per-sequence bytes x the
@@ -215,11 +215,10 @@ def main(argv=None):
             trainer.before_test()
             step_fn = torch.no_grad()(lambda: trainer.model_inference(batch["img"].to(trainer.device)))
         times, cpu_times = [], []
+        resident = current_memory_mb(trainer.device)  # model, data and optimizer, before any step
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                resident = current_memory_mb(trainer.device)
-                if trainer.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             tic, cpu_tic = time.perf_counter(), time.process_time()
@@ -245,7 +244,7 @@ def main(argv=None):
         print(f"CPU ms / step      {statistics.median(cpu_times):.1f} (process CPU time over {torch.get_num_threads()} "
               f"threads; steadier than wall time on a shared machine)")
         kind = "CUDA allocated" if trainer.device.type == "cuda" else "process RSS"
-        print(f"peak memory        {peak:.0f} MiB ({kind}); resident before the steps {resident:.0f} MiB; "
+        print(f"peak memory        {peak:.0f} MiB ({kind}); resident before the first step {resident:.0f} MiB; "
               f"activation (peak - resident) {peak - resident:.0f} MiB")
         if n_params:
             seqs = count_text_sequences(trainer, step_fn)
