@@ -15,12 +15,31 @@ from tools.tables.spec import SPEC_DIR, SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO.parent / "shared" / "papers" / "lamp_paper.txt"
+METHODS_MD = REPO.parent / "shared" / "specs" / "methods.md"
 
-# (training runs, all runs) of every paper table / figure: the paper's run counts (issue 10)
-COUNTS = {"table1": (1320, 2640), "figure1": (1320, 2640), "table2": (385, 770), "table3": (35, 385),
-          "table4": (35, 175), "table6": (60, 120), "table7": (35, 70), "table9": (250, 500),
-          "table10": (250, 500), "table11": (30, 60), "table12_15": (1100, 2200), "table12": (275, 550),
-          "table13": (275, 550), "table14": (275, 550), "table15": (275, 550), "figure3": (190, 380)}
+
+def _b2n(rows, settings, datasets, seeds):
+    """(training runs, all runs) of a B2N spec: one base training + one new-class evaluation per run."""
+    n = rows * settings * datasets * seeds
+    return n, 2 * n
+
+
+def _xd(rows, settings, targets, seeds):
+    """(training runs, all runs) of an XD / DG spec: one source training + one evaluation per target."""
+    n = rows * settings * seeds
+    return n, n * (1 + targets)
+
+
+# (training runs, all runs) of every table / figure: LAMP paper (issue 10) with the MMRL / VaMP / MMLoP rows of
+# issue 11 (3 more rows in Tables 1, 2, 9, 10, 12-15), and the VaMP / MMLoP papers' own tables (3 seeds)
+COUNTS = {"table1": _b2n(8 + 3, 3, 11, 5), "figure1": _b2n(8 + 3, 3, 11, 5), "table2": _b2n(7 + 3, 1, 11, 5),
+          "table3": (35, 385), "table4": (35, 175), "table6": (60, 120), "table7": (35, 70),
+          "table9": _b2n(5 + 3, 1, 10, 5), "table10": _b2n(5 + 3, 1, 10, 5), "table11": (30, 60),
+          "table12_15": _b2n(5 + 3, 4, 11, 5), "table12": _b2n(5 + 3, 1, 11, 5), "table13": _b2n(5 + 3, 1, 11, 5),
+          "table14": _b2n(5 + 3, 1, 11, 5), "table15": _b2n(5 + 3, 1, 11, 5), "figure3": (190, 380),
+          "vamp_b2n": _b2n(4, 1, 11, 3), "vamp_xd": _xd(2, 1, 10, 3), "vamp_dg": _xd(2, 1, 4, 3),
+          "vamp_ablation": _b2n(4, 1, 11, 3), "mmlop_ablation": _b2n(5, 1, 11, 3), "mmlop_rank": _b2n(3, 1, 11, 3)}
+NEW_SPECS = ["vamp_b2n", "vamp_xd", "vamp_dg", "vamp_ablation", "mmlop_ablation", "mmlop_rank"]
 
 
 def test_every_spec_is_listed():
@@ -30,7 +49,7 @@ def test_every_spec_is_listed():
         assert (REPO / "scripts" / "tables" / f"{name}.sh").is_file(), name
 
 
-@pytest.mark.parametrize("name", ["table1", "table3", "table4", "table12_15", "figure3"])
+@pytest.mark.parametrize("name", ["table1", "table3", "table4", "table12_15", "figure3"] + NEW_SPECS)
 def test_dry_run_counts_without_touching_the_disk(name, tmp_path, capsys, monkeypatch):
     from tools.tables.__main__ import main
     out = tmp_path / "never"
@@ -51,7 +70,7 @@ def test_dry_run_counts_without_touching_the_disk(name, tmp_path, capsys, monkey
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", sorted(set(COUNTS) - {"table1", "table3", "table4", "table12_15", "figure3"}))
+@pytest.mark.parametrize("name", sorted(set(COUNTS) - {"table1", "table3", "table4", "table12_15", "figure3"} - set(NEW_SPECS)))
 def test_dry_run_counts_other_specs(name):
     plan = build_plan(load_spec(name), "/nonexistent/output")
     t = plan.totals()
@@ -232,6 +251,8 @@ def test_partial_seeds_are_marked(tmp_path):
 # ---- the paper's numbers
 
 _RELABELLED = {("table2", 234): ("MMA", "TCP"), ("table2", 235): ("TCP", "MMA")}   # see PAPER_NUMBERS.md
+# rows added after the LAMP paper (issue 11): no paper numbers; every other row has all its cells
+NOT_IN_LAMP_PAPER = {"MMRL+LA", "VaMP+LA", "MMLoP+LA", "MMRL", "VaMP", "MMLoP"}
 
 
 @pytest.mark.parametrize("name", ["table1", "table2", "table3", "table4", "table6", "table7", "table9",
@@ -239,10 +260,11 @@ _RELABELLED = {("table2", 234): ("MMA", "TCP"), ("table2", 235): ("TCP", "MMA")}
 def test_paper_numbers_match_layout_and_paper_text(name):
     spec = load_spec(name)
     paper = read_paper(spec.paper)
-    keys = set(layout_keys(spec))
+    rows = [r for r in spec.rows if r.label not in NOT_IN_LAMP_PAPER]
+    keys = {k for k in layout_keys(spec) if k[1] not in NOT_IN_LAMP_PAPER}
     in_spec = {k: v for k, v in paper.items() if k[0] in spec.settings}
-    assert set(in_spec) == keys                      # one number per cell of the layout, no more, no less
-    assert len(in_spec) == len(spec.block_keys()) * len(spec.rows) * len(spec.groups()) * len(spec.metrics)
+    assert set(in_spec) == keys                      # one number per cell of the paper's rows, no more, no less
+    assert len(in_spec) == len(spec.block_keys()) * len(rows) * len(spec.groups()) * len(spec.metrics)
     if not PAPER.is_file():
         pytest.skip(f"the paper text {PAPER} is not next to the repository (only the layout was checked)")
     text = PAPER.read_text().split("\n")
@@ -256,6 +278,120 @@ def test_paper_numbers_match_layout_and_paper_text(name):
         printed, ours = _RELABELLED.get((spec.paper.stem.replace("_paper", ""), line), (label, label))
         assert tokens[0] == printed and label == ours, (line, tokens[0], label)
         assert tokens[1:] == [r["value"] for r in recs], line   # every value, in the printed column order
+
+
+# cells each paper reports (the rest of the layout is ours only): methods.md §3.5 / §4.3
+NEW_PAPER_CELLS = {"vamp_b2n": 4 * 3, "vamp_xd": 1 + 8 + 1, "vamp_dg": 2 * 5, "vamp_ablation": 4 * 3,
+                   "mmlop_ablation": 5 + 2, "mmlop_rank": 3}
+# the one derived number: MMRL's cross-dataset average is VaMP's 67.74 minus the "0.49 above MMRL" of line 469
+_DERIVED = {("vamp_xd", "MMRL", "__average__", "acc"): 67.74 - 0.49}
+
+
+@pytest.mark.parametrize("name", NEW_SPECS)
+def test_vamp_mmlop_paper_numbers_match_layout_and_methods_md(name):
+    spec = load_spec(name)
+    assert spec.paper_source == "methods.md" and spec.paper.parent.name == "paper"
+    paper = read_paper(spec.paper)
+    assert len(paper) == NEW_PAPER_CELLS[name]
+    assert set(paper) <= set(layout_keys(spec))       # every reported number has its cell in our layout
+    assert {k[1] for k in paper} == {r.label for r in spec.rows}    # and every row has at least one
+    if not METHODS_MD.is_file():
+        pytest.skip(f"{METHODS_MD} is not next to the repository (only the layout was checked)")
+    text = METHODS_MD.read_text().split("\n")
+    info = yaml.safe_load((SPEC_DIR / "datasets.yaml").read_text())
+    by_line = {}
+    for key, (value, printed, line) in paper.items():
+        if (name,) + key[1:] in _DERIVED:
+            assert value == pytest.approx(_DERIVED[(name,) + key[1:]])
+            assert re.search(r"\b67\.74\b.*\b0\.49 above MMRL", text[line - 1]), line
+            continue
+        by_line.setdefault(line, []).append((key, printed))
+    for line, recs in by_line.items():
+        src = text[line - 1]
+        numbers = re.findall(r"\d+\.\d+", src)
+        it = iter(numbers)
+        assert all(p in it for _, p in recs), (line, [p for _, p in recs], numbers)   # in order, as printed
+        for (_, row, group, _), _ in recs:     # the line names the row (or the dataset of a per-target list)
+            names = [re.sub(r"^\+ | \(.*\)$", "", row)] + re.findall(r"\((.*)\)$", row)   # "shared U", "MMLoP"
+            target = group != "__average__" and info[group]["label"].replace("-", "") in src
+            assert any(n in src for n in names) or target or (name, line) == ("vamp_xd", 469), (line, row, group)
+
+
+def test_config_by_dataset_picks_the_scripts_imagenet_config(tmp_path):
+    plan = build_plan(load_spec("table1"), tmp_path / "o")
+    units = [u for u in plan.units if u.row.label == "MMRL+LA" and u.setting == 10 and u.seed == 1]
+    assert len(units) == 11
+    for u in units:
+        cfg = "vit_b16_b2n_imagenet" if u.steps[0].dataset == "imagenet" else "vit_b16_b2n"
+        assert u.config == cfg
+        for step in u.steps:                          # training and new-class evaluation: folder and --config-file
+            assert Path(step.folder).parts[-2] == f"{cfg}_la"
+            assert step.argv[step.argv.index("--config-file") + 1].endswith(f"configs/trainers/MMRL/{cfg}.yaml")
+    imnet = next(u for u in units if u.steps[0].dataset == "imagenet")
+    assert imnet.key.endswith("base2new_imb10/train_base/imagenet/MMRL/vit_b16_b2n_imagenet_la/seed1")
+    dtd = next(u for u in units if u.steps[0].dataset == "dtd")
+    # batch 32 / 5 epochs (ImageNet config) vs batch 4 / 10 epochs: the estimate reads the config used
+    assert dtd.train_steps == 10 * (sum(int(max(min(100, 2820 // 47) * 0.1 ** (i / 23), 1)) for i in range(24)) // 4)
+    mmlop = {u.config for u in plan.units if u.row.label == "MMLoP+LA"}
+    assert mmlop == {"vit_b16_b2n"}                   # no override: every dataset uses the row's config
+    with pytest.raises(SpecError, match="config_by_dataset names \\['imagnet'\\]"):
+        _tiny_spec(methods=[{"label": "M", "trainer": "MMRL", "config": "vit_b16_b2n",
+                             "config_by_dataset": {"imagnet": "vit_b16_b2n_imagenet"}}])
+    with pytest.raises(SpecError, match="maps dataset names to config names"):
+        _tiny_spec(methods=[{"label": "M", "trainer": "MMRL", "config": "vit_b16_b2n", "config_by_dataset": ["x"]}])
+
+
+def test_vamp_transfer_specs_train_16_shot_imagenet_once():
+    xd, dg = build_plan(load_spec("vamp_xd"), "out"), build_plan(load_spec("vamp_dg"), "out")
+    assert {u.key for u in xd.units} == {u.key for u in dg.units}
+    u = next(u for u in xd.units if u.row.label == "VaMP" and u.seed == 2)
+    assert u.key.endswith("/xd_imb1/train_all/imagenet/VaMP/vit_b16_xd_num_shots16/seed2")   # = lib.sh with EXTRA
+    a = u.steps[0].argv
+    shots = [a[i + 1] for i, x in enumerate(a) if x == "DATASET.NUM_SHOTS"]
+    assert shots == ["100", "16"]                     # the spec's opt comes last, so it wins
+    assert u.train_steps == 1000 * 16 // 32           # 1 epoch, batch 32, 16 images of each of 1000 classes
+    assert [Path(s.folder).parts[-4] for s in dg.units[0].steps[1:]] == ["imagenetv2", "imagenet_sketch",
+                                                                          "imagenet_a", "imagenet_r"]
+
+
+def test_paper_chains_share_their_default_runs():
+    b2n, abl = build_plan(load_spec("vamp_b2n"), "o"), build_plan(load_spec("vamp_ablation"), "o")
+    vamp = {u.key for u in b2n.units if u.row.label == "VaMP"}
+    assert vamp == {u.key for u in abl.units if u.row.label == "+ class-aware prior (VaMP)"}
+    assert len(vamp) == 33 and any("/imagenet/VaMP/vit_b16_b2n_imagenet/" in k for k in vamp)
+    mmrl_step = next(u for u in abl.units if u.row.label == "MMRL")
+    assert Path(mmrl_step.key).parts[-2].endswith("_sample_specificFalse")
+    rank, chain = build_plan(load_spec("mmlop_rank"), "o"), build_plan(load_spec("mmlop_ablation"), "o")
+    r1 = {u.key for u in rank.units if u.row.label == "r = 1"}
+    assert r1 == {u.key for u in chain.units if u.row.label == "+ shared U (MMLoP)"}
+    assert {Path(u.key).parts[-2] for u in rank.units} == {"vit_b16_b2n", "vit_b16_b2n_rank2", "vit_b16_b2n_rank4"}
+    assert len({Path(u.key).parts[-2] for u in chain.units}) == 5   # five chain steps, five config folders
+
+
+def test_rows_without_paper_numbers_render_as_absent(tmp_path):
+    spec = load_spec("table9")
+    plan = build_plan(spec, tmp_path)
+    for u in plan.units:
+        if u.steps[0].dataset == "dtd" and u.row.label in ("LAMP", "MMRL+LA"):
+            _write_result(u.steps[0].folder, "base", 60, 50, u.seed)
+            _write_result(u.steps[1].folder, "new", 40, 30, u.seed)
+    paper = read_paper(spec.paper)
+    cells = collect(plan)
+    md = markdown(spec, cells, paper)
+    paper_part = md.split("Paper (lines")[1].split("Ours − paper:")[0]
+    assert "of lamp_paper.txt" in md.split("Paper (lines")[1].splitlines()[0]
+    mmrl = next(l for l in paper_part.splitlines() if l.startswith("| MMRL+LA |"))
+    assert set(mmrl.strip("| ").split(" | ")[1:]) == {"–"}
+    lamp = next(l for l in paper_part.splitlines() if l.startswith("| LAMP |"))
+    assert "–" not in lamp
+    ours = next(l for l in md.split("Paper (lines")[0].splitlines() if l.startswith("| MMRL+LA |"))
+    assert "48.00 ± 0.00" in ours                     # our number is there, the paper's is absent
+    rows = list(csv.DictReader(to_csv(spec, cells, paper).splitlines()))
+    r = next(r for r in rows if (r["row"], r["group"], r["metric"]) == ("MMRL+LA", "dtd", "hm_acc"))
+    assert r["paper"] == "" and r["diff"] == "" and float(r["mean"]) == pytest.approx(48.0)
+    md_vamp = markdown(load_spec("vamp_b2n"), collect(build_plan(load_spec("vamp_b2n"), tmp_path)),
+                       read_paper(load_spec("vamp_b2n").paper))
+    assert "Paper (lines 461–464 of methods.md):" in md_vamp
 
 
 def _bench_figures(**kw):

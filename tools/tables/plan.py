@@ -57,6 +57,7 @@ class Unit:
     train_steps: int        # estimated optimizer steps of the training run (0: nothing to train; None: unknown)
     train_classes: int
     identity: tuple = field(default=())
+    config: str = None      # the trainer config of this unit's runs (the row's, or its config_by_dataset entry)
 
     def state(self):
         """done | running | partial | missing (read-only)."""
@@ -87,8 +88,8 @@ def lock_held(folder):
     return False
 
 
-def folder_tag(row, spec_opts=(), extra_opts=()):
-    tag = row.config + ("_la" if row.loss == "la" else "")
+def folder_tag(row, spec_opts=(), extra_opts=(), config=None):
+    tag = (config or row.config) + ("_la" if row.loss == "la" else "")
     return tag + variant_tag(list(spec_opts) + list(row.opts) + list(extra_opts))
 
 
@@ -120,39 +121,43 @@ def _trainer_yaml(trainer, config):
 
 
 @functools.lru_cache(maxsize=None)
-def train_images(dataset, regime, setting, all_classes=False):
+def train_images(dataset, regime, setting, all_classes=False, cap=None):
     """(classes, images) of a training run, from configs/tables/datasets.yaml, equal class sizes assumed:
-    per-class cap (100 or the shots), then the exponential profile of datasets/base.py over the classes."""
+    per-class cap (100 or the shots; ``cap``: a DATASET.NUM_SHOTS opt), then the exponential profile of
+    datasets/base.py over the classes."""
     info = dataset_info().get(dataset)
     if info is None:  # e.g. a dataset of an ad-hoc spec: the run is planned, its cost is unknown
         return None
     classes = info["classes"] if all_classes else math.ceil(info["classes"] / 2)
     per_class = info["train_images"] // info["classes"]
     if regime == "fewshot":
-        return classes, classes * min(setting, per_class)
-    n_max, rho = min(100, per_class), 1.0 / setting
+        return classes, classes * min(cap or setting, per_class)
+    n_max, rho = min(cap or 100, per_class), 1.0 / setting
     if classes == 1:
         return 1, n_max
     return classes, sum(int(max(n_max * rho ** (i / (classes - 1)), 1)) for i in range(classes))
 
 
-def estimate_steps(row, dataset_cfg_name, regime, setting, opts, all_classes=False):
-    """(training steps, training classes); (None, None) for a dataset not in configs/tables/datasets.yaml."""
-    size = train_images(dataset_cfg_name, regime, setting, all_classes)
+def estimate_steps(row, dataset_cfg_name, regime, setting, opts, all_classes=False, config=None):
+    """(training steps, training classes); (None, None) for a dataset not in configs/tables/datasets.yaml.
+    ``config``: the unit's trainer config (default the row's)."""
+    config = config or row.config
+    shots = dict(zip(list(opts)[0::2], list(opts)[1::2])).get("DATASET.NUM_SHOTS")
+    size = train_images(dataset_cfg_name, regime, setting, all_classes, int(shots) if shots else None)
     if size is None:
         return (0 if row.trainer in UNTRAINED_TRAINERS else None), None
     classes, images = size
     if row.trainer in UNTRAINED_TRAINERS:
         return 0, classes
     if row.trainer == "LFA":  # one engine epoch = one full-batch iteration (trainers/lfa.py)
-        iters = _config_value("LFA", row.config, "TRAINER.LFA.ITERS", opts, 0)
+        iters = _config_value("LFA", config, "TRAINER.LFA.ITERS", opts, 0)
         if not iters:
-            table = _config_value("LFA", row.config, "TRAINER.LFA.ITERS_PER_DATASET", opts, {}) or {}
+            table = _config_value("LFA", config, "TRAINER.LFA.ITERS_PER_DATASET", opts, {}) or {}
             name = _dataset_cfg_name(dataset_cfg_name)
-            iters = table.get(name, _config_value("LFA", row.config, "TRAINER.LFA.DEFAULT_ITERS", opts, 50))
+            iters = table.get(name, _config_value("LFA", config, "TRAINER.LFA.DEFAULT_ITERS", opts, 50))
         return int(iters), classes
-    epochs = int(_config_value(row.trainer, row.config, "OPTIM.MAX_EPOCH", opts))
-    batch = int(_config_value(row.trainer, row.config, "DATALOADER.TRAIN_X.BATCH_SIZE", opts))
+    epochs = int(_config_value(row.trainer, config, "OPTIM.MAX_EPOCH", opts))
+    batch = int(_config_value(row.trainer, config, "DATALOADER.TRAIN_X.BATCH_SIZE", opts))
     per_epoch = images // batch if images >= batch else 1  # engine/data.py: drop_last when >= one batch
     return epochs * per_epoch, classes
 
@@ -193,7 +198,7 @@ class Plan:
         if step_times is not None:
             hours, missing = 0.0, set()
             for u in self.units:
-                ms = step_ms(step_times, u.row.trainer, u.row.config, u.train_classes)
+                ms = step_ms(step_times, u.row.trainer, u.config or u.row.config, u.train_classes)
                 if ms is None or u.train_steps is None:
                     if u.train_steps or u.train_steps is None:
                         missing.add(u.row.trainer)
@@ -216,13 +221,13 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
     for setting in spec.settings:
         exp = experiment(spec, setting)
         for row in spec.rows:
-            tag = folder_tag(row, spec.opts, extra_opts)
             common = ["TRAINER.LOSS", row.loss] + list(spec.opts) + list(row.opts) + extra_opts
-            tcfg = str(REPO / "configs" / "trainers" / row.trainer / f"{row.config}.yaml")
             opts_for_cost = list(spec.opts) + list(row.opts) + extra_opts
+            opts_key = tuple(sorted(zip(opts_for_cost[0::2], opts_for_cost[1::2])))
             for seed in spec.seeds:
-                def args(folder, dataset, regime_opts, eval_from=None):
+                def args(folder, dataset, regime_opts, config, eval_from=None):
                     flags = ["--eval-only", "--model-dir", eval_from] if eval_from else []
+                    tcfg = str(REPO / "configs" / "trainers" / row.trainer / f"{config}.yaml")
                     return (["--root", data, "--seed", str(seed), "--trainer", row.trainer,
                              "--dataset-config-file", str(REPO / "configs" / "datasets" / f"{dataset.config}.yaml"),
                              "--config-file", tcfg, "--output-dir", folder] + flags
@@ -230,25 +235,29 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
                 if spec.b2n:
                     shots, imb = (100, setting) if spec.regime == "lt_b2n" else (setting, 1)
                     for ds in spec.datasets:
+                        cfg = row.config_for(ds.name)
+                        tag = folder_tag(row, spec.opts, extra_opts, cfg)
                         train_dir = os.path.join(out, exp, "train_base", ds.name, row.trainer, tag, f"seed{seed}")
                         new_dir = os.path.join(out, exp, "test_new", ds.name, row.trainer, tag, f"seed{seed}")
                         data_opts = ["DATASET.NUM_SHOTS", str(shots), "DATASET.IMB_FACTOR", str(imb)]
-                        steps = [Step(train_dir, ds.name, args(train_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "base"])),
-                                 Step(new_dir, ds.name, args(new_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "new"], train_dir), True)]
-                        n, classes = estimate_steps(row, ds.config, spec.regime, setting, opts_for_cost)
+                        steps = [Step(train_dir, ds.name, args(train_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "base"], cfg)),
+                                 Step(new_dir, ds.name, args(new_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "new"], cfg, train_dir), True)]
+                        n, classes = estimate_steps(row, ds.config, spec.regime, setting, opts_for_cost, config=cfg)
                         _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
-                                                     (row.trainer, row.config, row.loss, tuple(sorted(zip(opts_for_cost[0::2], opts_for_cost[1::2]))), ds)))
+                                                     (row.trainer, cfg, row.loss, opts_key, ds), cfg))
                 else:
                     src = spec.source
+                    cfg = row.config_for(src.name)      # the targets are evaluated with the source run's config
+                    tag = folder_tag(row, spec.opts, extra_opts, cfg)
                     train_dir = os.path.join(out, f"xd_imb{setting}", "train_all", src.name, row.trainer, tag, f"seed{seed}")
                     steps = [Step(train_dir, src.name, args(train_dir, src, ["DATASET.NUM_SHOTS", "100", "DATASET.IMB_FACTOR",
-                                                                             str(setting), "DATASET.SUBSAMPLE_CLASSES", "all"]))]
+                                                                             str(setting), "DATASET.SUBSAMPLE_CLASSES", "all"], cfg))]
                     for ds in spec.datasets:
                         d = os.path.join(out, exp, "test_all", ds.name, row.trainer, tag, f"seed{seed}")
-                        steps.append(Step(d, ds.name, args(d, ds, ["DATASET.SUBSAMPLE_CLASSES", "all"], train_dir), True))
-                    n, classes = estimate_steps(row, src.config, "lt_b2n", setting, opts_for_cost, all_classes=True)
+                        steps.append(Step(d, ds.name, args(d, ds, ["DATASET.SUBSAMPLE_CLASSES", "all"], cfg, train_dir), True))
+                    n, classes = estimate_steps(row, src.config, "lt_b2n", setting, opts_for_cost, all_classes=True, config=cfg)
                     _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
-                                                 (row.trainer, row.config, row.loss, tuple(sorted(zip(opts_for_cost[0::2], opts_for_cost[1::2]))), src)))
+                                                 (row.trainer, cfg, row.loss, opts_key, src), cfg))
     return Plan(spec, out, list(units.values()), members)
 
 

@@ -41,7 +41,8 @@ def plot_bars(spec, cells, out_dir):
         for i, row in enumerate(spec.rows):
             xs = [j + (i - (len(spec.rows) - 1) / 2) * width for j in range(len(spec.settings))]
             ys = [cells[(s, row.label, group, metric)].mean for s in spec.settings]
-            ax.bar(xs, [y if y is not None else 0 for y in ys], width, label=row.label)
+            ax.bar(xs, [y if y is not None else 0 for y in ys], width, label=row.label,
+                   color=plt.cm.tab20(i % 20))    # 11 rows in Figure 1: the default cycle has only 10 colours
         ax.set_xticks(range(len(spec.settings)))
         ax.set_xticklabels([f"imb {s}" if spec.regime == "lt_b2n" else str(s) for s in spec.settings])
         ax.set_ylabel(f"average {spec.metric_label(metric)}")

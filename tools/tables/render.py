@@ -6,7 +6,8 @@ mean. Best per column (highest mean within a block) is bold, as in the paper.
 
 Paper-number files (``configs/tables/<table>_paper.csv``): columns ``block,row,group,metric,value,line`` --
 block = the setting (imbalance factor / shots) of the spec, row = the row label, group = dataset name or
-``__average__``, value as printed in the paper, line = its line in ``lamp_paper.txt``.
+``__average__``, value as printed in the paper, line = its line in ``lamp_paper.txt`` (or in the spec's
+``paper_source``). Rows or cells the paper does not report are shown as "–" (e.g. methods added after the paper).
 """
 import csv
 import io
@@ -116,7 +117,7 @@ def markdown(spec, cells, paper=None, plots=()):
                 d_lines.append(dl)
             lines_used = sorted({paper[k][2] for k in paper if k[0] == block})
             src = f"lines {lines_used[0]}–{lines_used[-1]}" if lines_used else "no lines"
-            out += [f"Paper ({src} of lamp_paper.txt):", "", _md_table(headers, p_lines), "",
+            out += [f"Paper ({src} of {spec.paper_source}):", "", _md_table(headers, p_lines), "",
                     "Ours − paper:", "", _md_table(headers, d_lines), ""]
     if spec.b2n:
         out += ["## Head / tail accuracy on the base test (extra view; not in the paper)", "",

@@ -23,6 +23,14 @@ renderer all read the same object, so a table and the runs behind it cannot drif
         opts: []                  # KEY VALUE opts of this method (part of its folder name)
         variants: [{label: MPP, opts: [TRAINER.LAMP.USE_MSP, "False"]}]
         sweep: [{name: beta, key: TRAINER.LAMP.BETA, values: [0.0, 2.0], default: 2.0}]
+      - label: MMRL+LA
+        trainer: MMRL
+        config: vit_b16_b2n
+        config_by_dataset: {imagenet: vit_b16_b2n_imagenet}   # optional: another config (and config folder) for
+                                  # the runs trained on these datasets (b2n: each dataset; xd/dg: the source), as
+                                  # scripts/mmrl/*.sh pick vit_b16_b2n_imagenet for ImageNet; a name no run
+                                  # trains on is an error
+        loss: la
     layout:
       metrics: [hm_acc, hm_f1]    # see METRICS
       metric_labels: {hm_acc: HM}
@@ -30,7 +38,8 @@ renderer all read the same object, so a table and the runs behind it cannot drif
       average_label: Average
       source_column: true         # xd/dg: the source dataset's own test as the first column group
       blocks: auto                # auto (one block per setting when there are several) | settings | none
-    paper: table1_paper.csv       # the paper's numbers, next to the spec
+    paper: table1_paper.csv       # the paper's numbers, next to the spec (a row may have none: shown as –)
+    paper_source: lamp_paper.txt  # the text the CSV's line numbers refer to (default lamp_paper.txt)
     plot: {kind: bars}            # bars (Fig. 1) | sweep (Fig. 3) | none
 
 A variant whose opts are empty (e.g. the default value of a sweep axis, ``default:``) uses the plain config
@@ -55,9 +64,9 @@ METRIC_LABELS = {"base_acc": "Base", "new_acc": "New", "hm_acc": "HM-A", "base_f
                  "hm_f1": "HM-M", "hm_mean": "Avg.", "base_head_acc": "Head", "base_tail_acc": "Tail",
                  "acc": "Acc.", "f1": "Mac.", "head_acc": "Head", "tail_acc": "Tail"}
 SPEC_KEYS = {"name", "title", "base", "regime", "settings", "seeds", "datasets", "source", "opts", "eval_key",
-             "methods", "layout", "paper", "plot", "notes"}
+             "methods", "layout", "paper", "paper_source", "plot", "notes"}
 LAYOUT_KEYS = {"metrics", "metric_labels", "average", "average_label", "source_column", "blocks"}
-METHOD_KEYS = {"label", "trainer", "config", "loss", "opts", "variants", "sweep"}
+METHOD_KEYS = {"label", "trainer", "config", "config_by_dataset", "loss", "opts", "variants", "sweep"}
 
 
 class SpecError(UserError):
@@ -81,6 +90,11 @@ class Row:
     loss: str
     opts: tuple          # method opts + variant opts (the variant part of the folder name)
     axes: tuple = ()     # ((axis name, value label), ...) for sweeps
+    config_by_dataset: tuple = ()   # ((dataset name, config), ...): the config of runs trained on that dataset
+
+    def config_for(self, dataset):
+        """The trainer config of a run trained on ``dataset`` (a dataset name): the override or ``config``."""
+        return dict(self.config_by_dataset).get(dataset, self.config)
 
 
 @dataclass
@@ -102,6 +116,7 @@ class Spec:
     source_column: bool = False
     blocks: bool = False
     paper: Path = None
+    paper_source: str = "lamp_paper.txt"
     plot: dict = field(default_factory=dict)
     path: Path = None
 
@@ -173,6 +188,10 @@ def _rows(method, where):
     if loss not in ("ce", "la"):
         raise SpecError(f"{where}: loss must be ce or la, got {loss!r}")
     base_opts = _opts(method.get("opts"), where)
+    by_dataset = method.get("config_by_dataset") or {}
+    if not isinstance(by_dataset, dict) or not all(isinstance(v, str) and v for v in by_dataset.values()):
+        raise SpecError(f"{where}: config_by_dataset maps dataset names to config names, got {by_dataset!r}")
+    by_dataset = tuple(sorted((str(k), v) for k, v in by_dataset.items()))
     variants = []
     for v in method.get("variants") or []:
         variants.append((str(v.get("label", "")), _opts(v.get("opts"), where), ()))
@@ -197,7 +216,7 @@ def _rows(method, where):
     for vlabel, vopts, axes in variants:
         row_label = " ".join(x for x in (label, vlabel) if x) or method["trainer"]
         rows.append(Row(row_label, label, str(method["trainer"]), str(method["config"]), loss,
-                        base_opts + vopts, axes))
+                        base_opts + vopts, axes, by_dataset))
     return rows
 
 
@@ -277,6 +296,12 @@ def build_spec(raw, path=None):
     names = [d.name for d in datasets]
     if len(set(names)) != len(names):
         raise SpecError(f"{where}: duplicate dataset(s) in {names}")
+    trained_on = set(names) if regime in ("lt_b2n", "fewshot") else {source.name}
+    for r in rows:
+        stray = sorted(set(dict(r.config_by_dataset)) - trained_on)
+        if stray:
+            raise SpecError(f"{where}: row {r.label!r}: config_by_dataset names {stray}, which no run of this spec "
+                            f"trains on ({sorted(trained_on)})")
     paper = raw.get("paper")
     if paper:
         paper = (path.parent if path else SPEC_DIR) / paper
@@ -289,5 +314,5 @@ def build_spec(raw, path=None):
         average_label=str(layout.get("average_label", "Average")),
         source_column=bool(layout.get("source_column", regime in ("xd", "dg"))),
         blocks=(blocks == "settings") or (blocks == "auto" and len(settings) > 1),
-        paper=paper, plot=dict(raw.get("plot") or {}), path=path,
+        paper=paper, paper_source=str(raw.get("paper_source", "lamp_paper.txt")), plot=dict(raw.get("plot") or {}), path=path,
     )

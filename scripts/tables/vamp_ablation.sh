@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# VaMP paper, ablation chain on MMRL: plan the runs, run what is missing (submitit), collect, render.
+# usage: bash scripts/tables/vamp_ablation.sh [--dry-run [--step-times FILE] | --collect-only] [--jobs N]
+#        [--launcher slurm --partition P --gpus-per-run G --time MIN] [--output DIR] [--data DIR]
+# Tables: $OUTPUT/tables/vamp_ablation/ (default output/). All options: python -m tools.tables --help
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../setup.sh"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" -m tools.tables vamp_ablation "$@"
