@@ -34,7 +34,8 @@ SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
 SIZES = ("small", "large")
 PATTERNS = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS = ("plain", "cluttered")
-SIZE_RANGES = {"small": (0.16, 0.24), "large": (0.32, 0.44)}  # object radius / image size
+SIZE_RANGES = {"small": (0.2, 0.27), "large": (0.34, 0.45)}  # object radius / image size
+MAX_OFFSET = 0.12  # largest shift of an object's centre from the image centre / image size
 
 OBJECT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a picture of the {}.", "a drawing of a {}.",
                     "this is a {}.", "a rendering of a {}.", "a photo of the {}.")
@@ -155,8 +156,7 @@ def render(specs, rng, size=IMAGE_SIZE):
     x, y = _grid(size)
     is_texture = np.array([s["kind"] == "texture" for s in specs])
     radius = np.array([rng.uniform(*SIZE_RANGES[s.get("size", "large")]) for s in specs]) * size
-    cx = np.array([rng.uniform(r, size - r) for r in radius])
-    cy = np.array([rng.uniform(r, size - r) for r in radius])
+    cx, cy = size / 2 + rng.uniform(-MAX_OFFSET, MAX_OFFSET, (2, n)) * size
     angle = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
     period = rng.uniform(2.6, 3.6, n).astype(np.float32)
     offset = rng.uniform(0, 8, (n, 2)).astype(np.float32)

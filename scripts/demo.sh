@@ -1,53 +1,102 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up .venv if needed, generate the SyntheticShapes dataset,
-# run the long-tailed base-to-new benchmark (imbalance factor 10, seed 1) for every method in the demo
-# list with its default config, and print the collected table (base / new accuracy, macro-F1, HM).
+# The main job on the embedded default: set up .venv if needed, generate the demo world's datasets, pretrain
+# the small `tiny-world` CLIP on that world (once; cached in the weights folder), run the long-tailed
+# base-to-new benchmark (imbalance factor 10, seed 1) for every method in the demo list on every demo
+# dataset with shortened schedules, and write the table, one plot and REPORT.md.
 #
-# Backbone: the random-weight `tiny` CLIP, unless OpenAI ViT-B/16 weights are found locally (see README,
-# "CLIP weights"); then those are used and the script says so. Outputs go to $DEMO_OUTPUT (default
-# output/demo); a rerun skips finished runs.
+# Backbone: OpenAI ViT-B/16 when its weights are found locally (see README, "CLIP weights"), else
+# `tiny-world`, built by `python -m tools.pretrain_clip` into the first weights folder ($CLIP_WEIGHTS_DIR or
+# ~/.cache/clip) and reused by later runs. DEMO_BACKBONE=tiny-world|ViT-B/16|tiny forces one.
+# Outputs go to $DEMO_OUTPUT (default output/demo); a rerun skips finished runs.
+# Environment (optional): DEMO_DATASETS, DEMO_METHODS (method or method+la, e.g. "coop+la lamp"),
+# DEMO_JOBS (runs in parallel, default 2, one torch thread each), DEMO_FULL=1 (the configs' own epochs),
+# DEMO_EXTRA (extra KEY VALUE opts for every run).
 # usage: bash scripts/demo.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
 DEMO_OUTPUT="${DEMO_OUTPUT:-output/demo}"
-DEMO_METHODS="${DEMO_METHODS:-zsclip coop cocoop lamp maple mma tcp candle lfa}"
+DEMO_DATASETS="${DEMO_DATASETS:-world_shapes world_clutter world_textures}"
+DEMO_METHODS="${DEMO_METHODS:-zsclip coop coop+la cocoop+la maple+la mma+la tcp+la candle lfa lamp}"
+DEMO_JOBS="${DEMO_JOBS:-2}"
 export DATA="$DEMO_OUTPUT/data" OUTPUT="$DEMO_OUTPUT"
+LOGS="$DEMO_OUTPUT/logs"
+TIMINGS="$DEMO_OUTPUT/timings.tsv"
+mkdir -p "$LOGS"
+: > "$TIMINGS"
+demo_start=$SECONDS
+py() { PYTHONPATH="$REPO" OMP_NUM_THREADS=1 "$PYTHON" "$@"; }
 
-mkdir -p "$DEMO_OUTPUT"
-PYTHONPATH="$REPO" "$PYTHON" -m tools.make_synthetic --root "$DATA"
+t0=$SECONDS
+py -m tools.make_world --root "$DATA"
+printf 'data\t%s\n' $((SECONDS - t0)) >> "$TIMINGS"
 
-if weights="$(PYTHONPATH="$REPO" "$PYTHON" -c \
-    'from engine.clip_loader import resolve_weights_path as r; print(r("ViT-B/16"))' 2>/dev/null)"; then
-  echo "[demo] using the OpenAI ViT-B/16 weights at $weights"
-  EXTRA="MODEL.BACKBONE.NAME ViT-B/16 DATALOADER.NUM_WORKERS 2"
-else
-  echo "[demo] no ViT-B/16 weights found: using the random-weight 'tiny' CLIP (accuracies are near chance;"
-  echo "       the demo shows the pipeline, not CLIP's knowledge)"
-  EXTRA="MODEL.BACKBONE.NAME tiny INPUT.SIZE (32,32) DATALOADER.NUM_WORKERS 0"
+backbone="${DEMO_BACKBONE:-}"
+if [ -z "$backbone" ]; then
+  if weights="$(py -c 'from engine.clip_loader import resolve_weights_path as r; print(r("ViT-B/16"))' 2>/dev/null)"; then
+    echo "[demo] using the OpenAI ViT-B/16 weights at $weights"
+    backbone="ViT-B/16"
+  else
+    backbone="tiny-world"
+  fi
 fi
+case "$backbone" in
+  ViT-B/16) EXTRA="MODEL.BACKBONE.NAME ViT-B/16 DATALOADER.NUM_WORKERS 2" ;;
+  tiny-world)
+    t0=$SECONDS
+    echo "[demo] pretraining (or reusing) the tiny-world CLIP on the generated world"
+    py -m tools.pretrain_clip --name tiny-world 2>&1 | tee "$LOGS/pretrain.log"
+    printf 'pretrain\t%s\n' $((SECONDS - t0)) >> "$TIMINGS"
+    EXTRA="MODEL.BACKBONE.NAME tiny-world INPUT.SIZE (32,32) DATALOADER.NUM_WORKERS 0" ;;
+  tiny)
+    echo "[demo] random-weight 'tiny' CLIP: accuracies are near chance (the pipeline, not CLIP's knowledge)"
+    EXTRA="MODEL.BACKBONE.NAME tiny INPUT.SIZE (32,32) DATALOADER.NUM_WORKERS 0" ;;
+  *) echo "error: DEMO_BACKBONE must be tiny-world, ViT-B/16 or tiny, got '$backbone'" >&2; exit 2 ;;
+esac
 export EXTRA="$EXTRA ${DEMO_EXTRA:-}"
 
-# Shortened schedules so the whole demo stays within a few minutes on 2 CPU cores; everything else is
-# the method's default config. Set DEMO_FULL=1 to run the configs' own epoch counts.
+# Shortened schedules so the whole demo fits in a few minutes on 2 CPU cores; everything else is the
+# method's default config. DEMO_FULL=1 runs the configs' own epoch counts.
 demo_schedule() {
   [ -n "${DEMO_FULL:-}" ] && return 0
   case "$1" in
-    coop|tcp|candle) echo "OPTIM.MAX_EPOCH 10" ;;
-    cocoop) echo "OPTIM.MAX_EPOCH 2" ;;
-    lamp) echo "OPTIM.MAX_EPOCH 5" ;;
+    coop|tcp) echo "OPTIM.MAX_EPOCH 10" ;;
+    candle) echo "OPTIM.MAX_EPOCH 10" ;;
+    cocoop) echo "OPTIM.MAX_EPOCH 1" ;;
+    maple|mma|lamp) echo "OPTIM.MAX_EPOCH 3" ;;
   esac
 }
 
-start=$SECONDS
-for method in $DEMO_METHODS; do
-  script="$REPO/scripts/$method/base2new.sh"
-  [ -f "$script" ] || { echo "[demo] skipping $method (no $script)"; continue; }
-  t0=$SECONDS
-  EXTRA="$EXTRA $(demo_schedule "$method")" bash "$script" synthetic_shapes 10 1 > "$DEMO_OUTPUT/$method.log" 2>&1 \
-    || { echo "[demo] $method failed; see $DEMO_OUTPUT/$method.log" >&2; tail -n 20 "$DEMO_OUTPUT/$method.log" >&2; exit 1; }
-  echo "[demo] $method done in $((SECONDS - t0)) s (log: $DEMO_OUTPUT/$method.log)"
+run_job() {  # METHOD[+la] DATASET
+  local method="${1%+la}" loss=ce dataset="$2" t0=$SECONDS
+  [ "$1" != "$method" ] && loss=la
+  local log="$LOGS/${dataset}_$1.log"
+  OMP_NUM_THREADS=1 LOSS="$loss" EXTRA="$EXTRA $(demo_schedule "$method")" \
+    bash "$REPO/scripts/$method/base2new.sh" "$dataset" 10 1 > "$log" 2>&1 \
+    || { echo "[demo] $1 on $dataset failed; see $log" >&2; tail -n 20 "$log" >&2; return 1; }
+  echo "[demo] $1 on $dataset done in $((SECONDS - t0)) s"
+  printf 'run %s %s\t%s\n' "$1" "$dataset" $((SECONDS - t0)) >> "$TIMINGS"
+}
+
+for m in $DEMO_METHODS; do
+  [ -f "$REPO/scripts/${m%+la}/base2new.sh" ] || { echo "error: unknown demo method '$m' (no scripts/${m%+la}/base2new.sh)" >&2; exit 2; }
 done
-echo "[demo] all methods done in $((SECONDS - start)) s"
-PYTHONPATH="$REPO" "$PYTHON" -m tools.collect_results "$DEMO_OUTPUT/base2new_imb10" --csv "$DEMO_OUTPUT/results.csv"
-echo "[demo] table also written to $DEMO_OUTPUT/results.csv"
+t0=$SECONDS
+failed=0 running=0
+for dataset in $DEMO_DATASETS; do
+  for m in $DEMO_METHODS; do
+    run_job "$m" "$dataset" &
+    running=$((running + 1))
+    if [ "$running" -ge "$DEMO_JOBS" ]; then
+      wait -n || failed=1
+      running=$((running - 1))
+    fi
+  done
+done
+while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); done
+[ "$failed" = 0 ] || { echo "[demo] some runs failed (see above)" >&2; exit 1; }
+printf 'runs\t%s\n' $((SECONDS - t0)) >> "$TIMINGS"
+echo "[demo] all runs done in $((SECONDS - t0)) s"
+
+printf 'total\t%s\n' $((SECONDS - demo_start)) >> "$TIMINGS"
+py -m tools.demo_report "$DEMO_OUTPUT" --backbone "$backbone"

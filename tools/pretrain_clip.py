@@ -120,8 +120,8 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def pretrain(name="tiny-world", out="", steps=600, batch_size=256, pool=12000, lr=1e-3, weight_decay=0.1,
-             warmup=50, seed=0, eval_every=100, eval_per_class=10, threads=1, force=False, log=print):
+def pretrain(name="tiny-world", out="", steps=240, batch_size=128, pool=8000, lr=1e-3, weight_decay=0.1,
+             warmup=20, seed=0, eval_every=60, eval_per_class=10, threads=1, force=False, log=print):
     """Pretrain (or reuse) and return the sidecar record (dict) of the checkpoint."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -211,14 +211,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--name", default="tiny-world", help=f"world model ({', '.join(WORLD_MODELS)})")
     p.add_argument("--out", default="", help="checkpoint file (default: <first weights folder>/<name>.pt)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--pool", type=int, default=12000, help="world images drawn once and reused")
+    p.add_argument("--steps", type=int, default=240)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--pool", type=int, default=8000, help="world images drawn once and reused")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=60)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the hash may depend on it)")
     p.add_argument("--force", action="store_true", help="retrain even when a matching checkpoint exists")
     a = p.parse_args(argv)
