@@ -17,8 +17,10 @@ from engine.checkpoint import atomic_write_text  # noqa: E402
 from engine.cli import UserError, run_cli  # noqa: E402
 
 EXPERIMENT = "base2new_imb10"
-# method label in the report: (trainer, config suffix) -> label
 LA_SUFFIX = "_la"
+# Row order of the summary (methods not listed follow in alphabetical order).
+ORDER = ("ZeroshotCLIP", "CoOp", "CoOp+LA", "CoCoOp", "CoCoOp+LA", "MaPLe", "MaPLe+LA", "MMA", "MMA+LA", "TCP",
+         "TCP+LA", "Candle", "LFA", "LAMP", "LAMP+LA")
 
 
 def method_label(row):
@@ -43,7 +45,7 @@ def render_table(root):
 # ---- summary, plot, report ----------------------------------------------------------------------------
 
 def summarise(rows):
-    """Per method (in first-seen order): the mean over datasets of base / new / HM / head / tail."""
+    """Per method (in ``ORDER``): the mean over datasets of base / new / HM / head / tail."""
     keys = {"base": "base_acc_mean", "new": "new_acc_mean", "hm_a": "hm_acc", "hm_m": "hm_f1",
             "head": "base_head_acc_mean", "tail": "base_tail_acc_mean"}
     order, groups = [], {}
@@ -52,6 +54,7 @@ def summarise(rows):
         if label not in groups:
             order.append(label)
         groups.setdefault(label, []).append(row)
+    order.sort(key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
     out = []
     for label in order:
         entry = {"method": label, "datasets": len(groups[label])}
