@@ -260,3 +260,16 @@ def test_demo_report_writes_the_summary_plot_and_report(tmp_path, capsys):
     assert (tmp_path / "demo_plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "WorldTextures" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "results.csv").read_text().startswith("experiment,dataset,trainer,config")
+
+
+@pytest.mark.parametrize("name", list(DEMO_DATASETS))
+def test_world_dataset_configs_name_the_dataset_and_keep_half_the_image_in_crops(name):
+    from types import SimpleNamespace
+
+    from engine.config import build_cfg
+
+    args = SimpleNamespace(root="data", trainer="CoOp", dataset_config_file=str(CONFIGS[name]), output_dir="out",
+                           config_file=str(REPO / "configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml"), opts=[])
+    cfg = build_cfg(args)
+    assert cfg.DATASET.NAME == name and tuple(cfg.INPUT.RRCROP_SCALE) == (0.5, 1.0)
+    assert "random_resized_crop" in cfg.INPUT.TRANSFORMS  # the trainer config keeps its transforms
