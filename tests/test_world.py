@@ -256,6 +256,7 @@ def test_demo_report_writes_the_summary_plot_and_report(tmp_path, capsys):
     # ZeroshotCLIP first; each value is the mean over the two datasets (HM-A: of the per-dataset HMs)
     assert rows[0] == "| ZeroshotCLIP | 55.0 | 50.0 | 52.4 | 51.4 | 60.0 | 50.0 |"
     assert rows[1].startswith("| CoOp+LA | 65.0 | 45.0 | ")
+    assert "WorldShapes 45.0% (chance 6.7%)" in report and "WorldTextures 55.0% (chance 8.3%)" in report
     assert "whole demo: 42 s" in report and "coop+la WorldShapes: 7 s" in report
     assert (tmp_path / "demo_plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "WorldTextures" in (tmp_path / "table.md").read_text()

@@ -132,10 +132,16 @@ def report_text(root, backbone, rows, summary, timings, ckpt, record):
     for s in summary:
         lines.append(f"| {s['method']} | {_f(s['base'])} | {_f(s['new'])} | {_f(s['hm_a'])} | {_f(s['hm_m'])} "
                      f"| {_f(s['head'])} | {_f(s['tail'])} |")
+    from datasets.world import DEMO_DATASETS
+
     chance = []
     for r in rows:
         if r["trainer"] == "ZeroshotCLIP":
-            chance.append(f"{r['dataset']}: zero-shot new {_f(r['new_acc_mean'])}%")
+            text = f"{r['dataset']} {_f(r['new_acc_mean'])}%"
+            if r["dataset"] in DEMO_DATASETS:
+                n_new = len(DEMO_DATASETS[r["dataset"]][2]) // 2
+                text += f" (chance {100 / n_new:.1f}%)"
+            chance.append(text)
     lines += ["", "Accuracies in %. HM-A / HM-M: harmonic mean of base and new accuracy / macro-F1. Head / tail: "
               "base test accuracy on the classes with the most / fewest training images.", ""]
     if chance:
