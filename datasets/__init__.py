@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (imported for registration)
     stanford_cars,
     sun397,
     synthetic,
+    world,
     ucf101,
 )
 from .base import DatasetBase, DatasetNotFoundError, Datum

@@ -27,6 +27,15 @@ RANDOM_ARCHS = {
 }
 RANDOM_ARCH_SEED = 0
 
+# CLIPs pretrained here on the generated demo world (datasets/world.py) by tools/pretrain_clip.py. They are
+# OpenAI-format state-dict checkpoints, found and loaded exactly like real weights (same folders, same
+# clip.load path); this module only reads them, it never builds one.
+WORLD_MODELS = {
+    "tiny-world": dict(file="tiny-world.pt", arch=dict(
+        embed_dim=64, image_resolution=32, vision_layers=12, vision_width=64, vision_patch_size=8,
+        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=12)),
+}
+
 
 def default_weight_dirs():
     dirs = []
@@ -39,10 +48,13 @@ def default_weight_dirs():
 def resolve_weights_path(name, explicit_path=""):
     """Return the local checkpoint file for an OpenAI CLIP model name, or raise FileNotFoundError."""
     clip = import_clip()
-    if name not in clip.clip._MODELS:
-        known = ", ".join(list(clip.clip._MODELS) + list(RANDOM_ARCHS))
+    if name not in clip.clip._MODELS and name not in WORLD_MODELS:
+        known = ", ".join(list(clip.clip._MODELS) + list(WORLD_MODELS) + list(RANDOM_ARCHS))
         raise ConfigError(f"unknown CLIP backbone '{name}' (MODEL.BACKBONE.NAME); known: {known}")
-    filename = os.path.basename(clip.clip._MODELS[name])
+    if name in WORLD_MODELS:
+        filename = WORLD_MODELS[name]["file"]
+    else:
+        filename = os.path.basename(clip.clip._MODELS[name])
     if explicit_path:
         candidates = [Path(explicit_path).expanduser()]
     else:
@@ -51,6 +63,12 @@ def resolve_weights_path(name, explicit_path=""):
         if path.is_file():
             return path
     looked = "\n  ".join(str(p) for p in candidates)
+    if name in WORLD_MODELS:
+        raise FileNotFoundError(
+            f"CLIP weights for '{name}' not found. Looked in:\n  {looked}\n"
+            f"'{name}' is pretrained here on the generated demo world: build it with "
+            f"`python -m tools.pretrain_clip --name {name} --out {candidates[0]}` (bash scripts/demo.sh does "
+            f"this), or point {WEIGHTS_ENV} / MODEL.BACKBONE.PATH at an existing '{filename}'.")
     raise FileNotFoundError(
         f"CLIP weights for '{name}' not found. Looked in:\n  {looked}\n"
         f"Provide the OpenAI checkpoint '{filename}' by copying it into one of these folders, by setting "

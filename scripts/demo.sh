@@ -1,54 +1,71 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up .venv if needed, generate the SyntheticShapes dataset,
-# run the long-tailed base-to-new benchmark (imbalance factor 10, seed 1) for every method in the demo
-# list with its default config, and print the collected table (base / new accuracy, macro-F1, HM).
+# The main job on the embedded default: set up .venv if needed, generate the demo world's datasets, pretrain
+# the small `tiny-world` CLIP on that world (once; cached in the weights folder), run the long-tailed
+# base-to-new benchmark (imbalance factor 10, seed 1) of the table spec configs/tables/demo.yaml (every
+# method, shortened schedules, three demo datasets) through the table library, and write the table, one plot
+# and REPORT.md.
 #
-# Backbone: the random-weight `tiny` CLIP, unless OpenAI ViT-B/16 weights are found locally (see README,
-# "CLIP weights"); then those are used and the script says so. Outputs go to $DEMO_OUTPUT (default
-# <repo>/output/demo); a rerun skips finished runs.
+# Backbone: OpenAI ViT-B/16 when its weights are found locally (see README, "CLIP weights"), else
+# `tiny-world`, built by `python -m tools.pretrain_clip` into the first weights folder ($CLIP_WEIGHTS_DIR or
+# ~/.cache/clip) and reused by later runs. DEMO_BACKBONE=tiny-world|ViT-B/16|tiny forces one.
+# Outputs go to $DEMO_OUTPUT (default <repo>/output/demo); a rerun skips finished runs.
+# Environment (optional): DEMO_JOBS (runs in parallel, default 2, one torch thread each), DEMO_EXTRA (extra
+# KEY VALUE opts for every run; they name the run folders). Methods, datasets and schedules: edit
+# configs/tables/demo.yaml (or run python -m tools.tables on a spec of your own).
 # usage: bash scripts/demo.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
 DEMO_OUTPUT="${DEMO_OUTPUT:-$REPO/output/demo}"
-DEMO_METHODS="${DEMO_METHODS:-zsclip coop cocoop lamp maple mma tcp candle lfa}"
+DEMO_JOBS="${DEMO_JOBS:-2}"
+echo "[demo] outputs go to $DEMO_OUTPUT (REPORT.md, demo_plot.png, tables/demo/, runs under base2new_imb10/)"
 export DATA="$DEMO_OUTPUT/data" OUTPUT="$DEMO_OUTPUT"
+LOGS="$DEMO_OUTPUT/logs"
+TIMINGS="$DEMO_OUTPUT/timings.tsv"
+mkdir -p "$LOGS"
+: > "$TIMINGS"
+demo_start=$SECONDS
+py() { PYTHONPATH="$REPO" OMP_NUM_THREADS=1 "$PYTHON" "$@"; }
 
-mkdir -p "$DEMO_OUTPUT"
-echo "[demo] outputs go to $DEMO_OUTPUT (data, one log per method, runs under base2new_imb10/, results.csv)"
-PYTHONPATH="$REPO" "$PYTHON" -m tools.make_synthetic --root "$DATA"
+t0=$SECONDS
+py -m tools.make_world --root "$DATA"
+printf 'data\t%s\n' $((SECONDS - t0)) >> "$TIMINGS"
 
-if weights="$(PYTHONPATH="$REPO" "$PYTHON" -c \
-    'from engine.clip_loader import resolve_weights_path as r; print(r("ViT-B/16"))' 2>/dev/null)"; then
-  echo "[demo] using the OpenAI ViT-B/16 weights at $weights"
-  EXTRA="MODEL.BACKBONE.NAME ViT-B/16 DATALOADER.NUM_WORKERS 2"
-else
-  echo "[demo] no ViT-B/16 weights found: using the random-weight 'tiny' CLIP (accuracies are near chance;"
-  echo "       the demo shows the pipeline, not CLIP's knowledge)"
-  EXTRA="MODEL.BACKBONE.NAME tiny INPUT.SIZE (32,32) DATALOADER.NUM_WORKERS 0"
+backbone="${DEMO_BACKBONE:-}"
+if [ -z "$backbone" ]; then
+  if weights="$(py -c 'from engine.clip_loader import resolve_weights_path as r; print(r("ViT-B/16"))' 2>/dev/null)"; then
+    echo "[demo] using the OpenAI ViT-B/16 weights at $weights"
+    backbone="ViT-B/16"
+  else
+    backbone="tiny-world"
+  fi
 fi
+case "$backbone" in
+  ViT-B/16) EXTRA="MODEL.BACKBONE.NAME ViT-B/16 DATALOADER.NUM_WORKERS 2" ;;
+  tiny-world)
+    t0=$SECONDS
+    echo "[demo] pretraining (or reusing) the tiny-world CLIP on the generated world"
+    py -m tools.pretrain_clip --name tiny-world 2>&1 | tee "$LOGS/pretrain.log"
+    printf 'pretrain\t%s\n' $((SECONDS - t0)) >> "$TIMINGS"
+    EXTRA="MODEL.BACKBONE.NAME tiny-world INPUT.SIZE (32,32) DATALOADER.NUM_WORKERS 0" ;;
+  tiny)
+    echo "[demo] random-weight 'tiny' CLIP: accuracies are near chance (the pipeline, not CLIP's knowledge)"
+    EXTRA="MODEL.BACKBONE.NAME tiny INPUT.SIZE (32,32) DATALOADER.NUM_WORKERS 0" ;;
+  *) echo "error: DEMO_BACKBONE must be tiny-world, ViT-B/16 or tiny, got '$backbone'" >&2; exit 2 ;;
+esac
 export EXTRA="$EXTRA ${DEMO_EXTRA:-}"
 
-# Shortened schedules so the whole demo stays within a few minutes on 2 CPU cores; everything else is
-# the method's default config. Set DEMO_FULL=1 to run the configs' own epoch counts.
-demo_schedule() {
-  [ -n "${DEMO_FULL:-}" ] && return 0
-  case "$1" in
-    coop|tcp|candle) echo "OPTIM.MAX_EPOCH 10" ;;
-    cocoop) echo "OPTIM.MAX_EPOCH 2" ;;
-    lamp) echo "OPTIM.MAX_EPOCH 5" ;;
-  esac
-}
+# The runs are the table spec configs/tables/demo.yaml (methods, their shortened schedules, the three demo
+# datasets), launched through the table library's submitit local executor: DEMO_JOBS runs at a time, one
+# torch thread each; finished runs are skipped on a rerun. The table goes to $DEMO_OUTPUT/tables/demo/.
+t0=$SECONDS
+read -r -a opts <<< "$EXTRA"
+OMP_NUM_THREADS=1 py -m tools.tables demo --output "$DEMO_OUTPUT" --data "$DATA" --jobs "$DEMO_JOBS" \
+  --opts "${opts[@]}" 2>&1 | tee "$LOGS/tables.log"
+rc=${PIPESTATUS[0]}
+printf 'runs\t%s\n' $((SECONDS - t0)) >> "$TIMINGS"
+[ "$rc" = 0 ] || { echo "[demo] some runs failed: see $LOGS/tables.log and the table_error.log of each failed run" >&2; exit "$rc"; }
+echo "[demo] all runs done in $((SECONDS - t0)) s"
 
-start=$SECONDS
-for method in $DEMO_METHODS; do
-  script="$REPO/scripts/$method/base2new.sh"
-  [ -f "$script" ] || { echo "[demo] skipping $method (no $script)"; continue; }
-  t0=$SECONDS
-  EXTRA="$EXTRA $(demo_schedule "$method")" bash "$script" synthetic_shapes 10 1 > "$DEMO_OUTPUT/$method.log" 2>&1 \
-    || { rc=$?; echo "[demo] $method failed; see $DEMO_OUTPUT/$method.log" >&2; tail -n 20 "$DEMO_OUTPUT/$method.log" >&2; exit "$rc"; }
-  echo "[demo] $method done in $((SECONDS - t0)) s (log: $DEMO_OUTPUT/$method.log)"
-done
-echo "[demo] all methods done in $((SECONDS - start)) s"
-PYTHONPATH="$REPO" "$PYTHON" -m tools.collect_results "$DEMO_OUTPUT/base2new_imb10" --csv "$DEMO_OUTPUT/results.csv"
-echo "[demo] table also written to $DEMO_OUTPUT/results.csv"
+printf 'total\t%s\n' $((SECONDS - demo_start)) >> "$TIMINGS"
+py -m tools.demo_report "$DEMO_OUTPUT" --data "$DATA" --backbone "$backbone" --opts "${opts[@]}"

@@ -1,0 +1,231 @@
+"""Contrastive pretraining of a small CLIP on the generated demo world (datasets/world.py).
+
+    python -m tools.pretrain_clip [--name tiny-world] [--out FILE] [--steps N] [--seed S] ...
+
+Draws a pool of world images once (``--pool``), then trains the ``WORLD_MODELS[name]`` architecture with
+the symmetric InfoNCE loss and a learnable temperature on (image, caption) batches, a fresh caption per
+image and step. Logs loss, temperature and zero-shot accuracy (plain "a photo of a <colour> <shape>." over
+all 48 colour x shape classes, and "<colour> <pattern>" textures) on held-out images. Writes an OpenAI-format
+state-dict checkpoint (the layout of ``ViT-B-16.pt``: ``clip.model.build_model`` rebuilds it, fp16 where
+OpenAI's are) to ``--out`` (default: ``<weights folder>/<name>.pt``, found there by ``engine/clip_loader``),
+plus ``<out>.json`` with the parameters, the sha256 and the zero-shot figures. Idempotent: when both exist
+with the same parameters nothing is done (``--force`` retrains). Deterministic for a seed on one machine
+and thread count (``--threads``, default 1: a model this small trains faster on one thread than on two
+that wait for each other, and the float results, hence the hash, may depend on the count).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datasets import world  # noqa: E402
+from engine.checkpoint import atomic_torch_save, atomic_write_json  # noqa: E402
+from engine.cli import UserError, run_cli  # noqa: E402
+from engine.clip_loader import WORLD_MODELS, default_weight_dirs, load_clip  # noqa: E402
+from engine.compat import import_clip  # noqa: E402
+
+FORMAT_VERSION = 1
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_tensor(images):
+    """uint8 (N, H, W, 3) -> CLIP-normalised float (N, 3, H, W), as the harness's test transform gives."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def encode_text(model, tokens):
+    """``model.encode_text`` on sequences cut after the last EOT (exact under the causal mask)."""
+    eot = tokens.argmax(dim=-1)
+    n = int(eot.max()) + 1
+    x = model.token_embedding(tokens[:, :n]) + model.positional_embedding[:n]
+    mask = torch.full((n, n), float("-inf"), device=x.device).triu_(1)
+    x = x.permute(1, 0, 2)
+    for block in model.transformer.resblocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = model.ln_final(x.permute(1, 0, 2))
+    return x[torch.arange(x.shape[0]), eot] @ model.text_projection
+
+
+def eval_sets(seed, per_class):
+    """Held-out zero-shot tasks: {task: (images tensor, labels, prompts)}."""
+    rng = np.random.default_rng([seed, 7919])
+    tasks = {}
+    objects = [(f"{c} {s}", {"kind": "object", "colour": c, "shape": s, "pattern": "plain", "background": "plain"})
+               for c in world.COLOURS for s in world.SHAPES]
+    textures = [(f"{c} {p}", {"kind": "texture", "colour": c, "pattern": p})
+                for c in world.COLOURS for p in world.PATTERNS[1:]]
+    for task, classes, template in (("objects", objects, "a photo of a {}."),
+                                    ("textures", textures, "a photo of a {} texture.")):
+        specs, labels = [], []
+        for label, (_, spec) in enumerate(classes):
+            specs += [dict(spec, size=world.SIZES[rng.integers(2)]) for _ in range(per_class)]
+            labels += [label] * per_class
+        tasks[task] = (to_tensor(world.render(specs, rng)), torch.tensor(labels),
+                       [template.format(name) for name, _ in classes])
+    return tasks
+
+
+@torch.no_grad()
+def zero_shot(model, tasks, tokenize, text_encoder):
+    """{task: top-1 accuracy in %} of zero-shot classification with the task's prompts."""
+    model.eval()
+    out = {}
+    for task, (images, labels, prompts) in tasks.items():
+        img = F.normalize(model.encode_image(images), dim=-1)
+        txt = F.normalize(text_encoder(model, tokenize(prompts)), dim=-1)
+        out[task] = 100.0 * ((img @ txt.t()).argmax(-1) == labels).float().mean().item()
+    model.train()
+    return out
+
+
+def param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim < 2 or "embedding" in name or name in ("logit_scale", "visual.class_embedding")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def openai_state_dict(model):
+    """The state dict in OpenAI's layout and dtypes (``clip.model.convert_weights``: fp16 linear, conv,
+    attention and projection weights), so ``build_model`` reproduces it exactly."""
+    clip = import_clip()
+    copy = clip.model.CLIP(**model.arch)
+    copy.load_state_dict(model.state_dict())
+    clip.model.convert_weights(copy)
+    return {k: v.detach().clone() for k, v in copy.state_dict().items()}
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pretrain(name="tiny-world", out="", steps=240, batch_size=128, pool=8000, lr=1e-3, weight_decay=0.1,
+             warmup=20, seed=0, eval_every=60, eval_per_class=10, threads=1, force=False, log=print):
+    """Pretrain (or reuse) and return the sidecar record (dict) of the checkpoint."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _pretrain(name, out, steps, batch_size, pool, lr, weight_decay, warmup, seed, eval_every,
+                         eval_per_class, force, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _pretrain(name, out, steps, batch_size, pool, lr, weight_decay, warmup, seed, eval_every, eval_per_class,
+              force, log):
+    if name not in WORLD_MODELS:
+        raise UserError(f"unknown world model '{name}'; known: {', '.join(WORLD_MODELS)}")
+    if steps < 1 or batch_size < 2 or pool < batch_size:
+        raise UserError(f"need steps >= 1, batch size >= 2 and pool >= batch size "
+                        f"(got steps={steps}, batch size={batch_size}, pool={pool})")
+    out = Path(out).expanduser() if out else default_weight_dirs()[0] / WORLD_MODELS[name]["file"]
+    meta_path = Path(str(out) + ".json")
+    params = {"version": FORMAT_VERSION, "world_version": world.WORLD_VERSION, "name": name,
+              "arch": WORLD_MODELS[name]["arch"], "steps": steps, "batch_size": batch_size, "pool": pool,
+              "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "seed": seed,
+              "eval_per_class": eval_per_class}
+    if not force and out.is_file() and meta_path.is_file():
+        record = json.loads(meta_path.read_text())
+        if record.get("params") == params and record.get("sha256") == sha256_file(out):
+            log(f"[pretrain] reusing {out} (same parameters; --force retrains)")
+            return record
+
+    clip = import_clip()
+    t0 = time.time()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    arch = WORLD_MODELS[name]["arch"]
+    model = clip.model.CLIP(**arch).float()
+    model.arch = arch
+    log(f"[pretrain] {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"{torch.get_num_threads()} threads; drawing {pool} world images")
+    specs = world.sample_specs(rng, pool)
+    images = torch.cat([to_tensor(world.render(specs[i:i + 1000], rng)) for i in range(0, pool, 1000)])
+    tasks = eval_sets(seed, eval_per_class)
+    log(f"[pretrain] data ready in {time.time() - t0:.1f} s")
+
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    history = []
+    model.train()
+    bar = tqdm(range(steps), desc=f"pretrain {name}", disable=not sys.stderr.isatty())
+    for step in bar:
+        idx = rng.choice(pool, batch_size, replace=False)
+        tokens = clip.tokenize([world.caption(specs[i], rng) for i in idx])
+        img = F.normalize(model.encode_image(images[torch.from_numpy(idx)]), dim=-1)
+        txt = F.normalize(encode_text(model, tokens), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.t()
+        target = torch.arange(batch_size)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            acc = zero_shot(model, tasks, clip.tokenize, encode_text)
+            history.append({"step": step + 1, "loss": round(loss.item(), 4), "temperature":
+                            round(1 / model.logit_scale.exp().item(), 4), **{f"zs_{k}": round(v, 2) for k, v in acc.items()},
+                            "elapsed_s": round(time.time() - t0, 1)})
+            line = "  ".join(f"{k} {v}" for k, v in history[-1].items())
+            (bar.write if not bar.disable else log)(f"[pretrain] {line}")
+
+    atomic_torch_save(openai_state_dict(model), out)
+    # Final figures come from the checkpoint as the harness loads it (engine/clip_loader, real-weights path).
+    loaded = load_clip(name, str(out))
+    final = zero_shot(loaded, tasks, clip.tokenize, encode_text)
+    record = {"params": params, "sha256": sha256_file(out), "threads": torch.get_num_threads(),
+              "seconds": round(time.time() - t0, 1), "zero_shot": {k: round(v, 2) for k, v in final.items()},
+              "chance": {task: round(100.0 / len(t[2]), 2) for task, t in tasks.items()}, "history": history}
+    atomic_write_json(record, meta_path)
+    log(f"[pretrain] wrote {out} in {record['seconds']} s (sha256 {record['sha256'][:12]}); zero-shot "
+        + ", ".join(f"{k} {v:.1f}% (chance {record['chance'][k]:.1f}%)" for k, v in record["zero_shot"].items()))
+    return record
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default="tiny-world", help=f"world model ({', '.join(WORLD_MODELS)})")
+    p.add_argument("--out", default="", help="checkpoint file (default: <first weights folder>/<name>.pt)")
+    p.add_argument("--steps", type=int, default=240)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--pool", type=int, default=8000, help="world images drawn once and reused")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=60)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the hash may depend on it)")
+    p.add_argument("--force", action="store_true", help="retrain even when a matching checkpoint exists")
+    a = p.parse_args(argv)
+    pretrain(a.name, a.out, a.steps, a.batch_size, a.pool, a.lr, a.weight_decay, a.warmup, a.seed, a.eval_every,
+             threads=a.threads, force=a.force)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
