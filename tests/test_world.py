@@ -266,6 +266,8 @@ def test_demo_report_writes_the_summary_plot_and_report(tmp_path, capsys):
     assert rows[0].split(" | ")[4] == f"{hm_m:.1f}"
     assert "world_shapes 45.0% (chance 6.7%)" in report and "world_textures 55.0% (chance 8.3%)" in report
     assert "whole demo: 42 s" in report
+    printed = capsys.readouterr().out
+    assert "| ZS-CLIP |" in printed and "| CoOp+LA |" in printed  # the printed summary has every row
     assert (tmp_path / "demo_plot.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -193,7 +193,9 @@ def main(argv=None):
     ckpt, record = pretrain_record(a.backbone)
     text = report_text(root, a.backbone, plan, summary, zero_shot_new(plan, cells), read_timings(root), ckpt, record)
     atomic_write_text(text, os.path.join(root, "REPORT.md"))
-    print("\n".join(text.split("\n")[4:6 + len(summary) + 1]))
+    lines = text.split("\n")
+    first = lines.index("## Summary (mean over the datasets)")
+    print("\n".join(lines[first: first + 4 + len(summary)]))  # heading, blank, header, rule, one row per method
     print(f"\n[demo] wrote {root}/REPORT.md, {root}/demo_plot.png; the full table: {root}/tables/demo/demo.md")
     return 0
 
