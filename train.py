@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+import datasets  # noqa: F401  (registers every dataset)
+import trainers  # noqa: F401  (registers every trainer and its config section)
 from engine.cli import call_cli, run_cli
 from engine.config import ConfigError, build_cfg
 from engine.registry import TRAINER_REGISTRY
@@ -100,8 +102,6 @@ def check_model_dir(model_dir, cfg):
 
 
 def build_trainer(cfg, run_info=None, dataset=None):
-    import trainers  # noqa: F401  (registers every trainer)
-
     return TRAINER_REGISTRY.get(cfg.TRAINER.NAME)(cfg, dataset=dataset, run_info=run_info)
 
 

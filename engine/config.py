@@ -2,13 +2,12 @@
 
 Key names and defaults follow Dassl.pytorch (``dassl/config/defaults.py``) so that the config files
 of CoOp, CoCoOp and MaPLe load unchanged. Trainer modules add their own section with
-``@register_config`` (for example ``cfg.TRAINER.COOP = CN()``); ``build_cfg`` imports the
-``trainers`` package first so every section exists before files are merged.
+``@register_config`` (for example ``cfg.TRAINER.COOP = CN()``). The entry points import the ``trainers``
+package (train.py, tools.bench, the tests' conftest) before ``build_cfg``, so every section exists before
+files are merged; this module imports nothing above ``engine/``.
 """
 import ast
 import difflib
-import importlib
-import importlib.util
 import os
 import sys
 
@@ -346,12 +345,6 @@ def merge_from_list(cfg, opts, source="command line opts", trainer=None):
     return cfg
 
 
-def _import_trainers():
-    """Import the ``trainers`` package (if present) so that its config sections are registered."""
-    if importlib.util.find_spec("trainers") is not None:
-        importlib.import_module("trainers")
-
-
 def build_cfg(args):
     """Defaults -> dataset yaml -> trainer yaml -> CLI flags -> opts; validated and frozen.
 
@@ -360,7 +353,6 @@ def build_cfg(args):
     target_domains, transforms as in CoOp's train.py). Missing or empty attributes are skipped;
     a negative seed means "not given" (CoOp's CLI default is -1).
     """
-    _import_trainers()
     cfg = get_cfg_default()
 
     def arg(name):

@@ -4,7 +4,6 @@
 ``train_loader_x`` (shuffled with a generator seeded from ``cfg.SEED``), ``val_loader`` (None when the
 dataset has no val split) and ``test_loader``. Images are decoded with PIL.
 """
-import importlib
 import os
 
 import torch
@@ -124,9 +123,7 @@ class DataManager:
 
     def __init__(self, cfg, dataset=None, custom_tfm_train=None, custom_tfm_test=None):
         self.cfg = cfg
-        if dataset is None:
-            if cfg.DATASET.NAME not in DATASET_REGISTRY:
-                importlib.import_module("datasets")  # registers the datasets
+        if dataset is None:  # datasets register when the ``datasets`` package is imported (train.py does)
             dataset = DATASET_REGISTRY.get(cfg.DATASET.NAME)(cfg)
         self.dataset = dataset
         self.tfm_train = custom_tfm_train or build_transform(cfg, is_train=True)

@@ -5,6 +5,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import datasets  # noqa: E402,F401  (registration happens here, as in train.py: engine/ imports neither)
+import trainers  # noqa: E402,F401
+
 
 @pytest.fixture(scope="module")
 def tiny():

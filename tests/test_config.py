@@ -8,8 +8,6 @@ from yacs.config import CfgNode as CN
 import engine.config as config
 from engine.config import ConfigError, build_cfg, dump_cfg, get_cfg_default, register_config, validate_cfg
 
-_REAL_IMPORT_TRAINERS = config._import_trainers
-
 # The text of CoOp's configs/trainers/CoOp/vit_b16_ep50.yaml (note the YAML-1.1 string "1e-5").
 COOP_YAML = """\
 DATALOADER:
@@ -56,8 +54,7 @@ TRAINER:
 
 @pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch):
-    """Tests do not depend on the real trainers package; registrations do not leak between tests."""
-    monkeypatch.setattr(config, "_import_trainers", lambda: None)
+    """Tests see only the sections they register; registrations do not leak between tests."""
     monkeypatch.setattr(config, "_CONFIG_EXTENSIONS", [])
 
 
@@ -118,21 +115,30 @@ def test_register_config_adds_trainer_node():
     assert get_cfg_default().TRAINER.FAKE.N_CTX == 16
 
 
-def test_build_cfg_imports_trainers_before_defaults(monkeypatch):
-    def fake_import():
-        register_config(add_maple)
-
-    monkeypatch.setattr(config, "_import_trainers", fake_import)
+def test_build_cfg_uses_the_sections_registered_before_it():
+    register_config(add_maple)  # what importing the trainers package does (train.py, tools.bench, conftest)
     cfg = build_cfg(make_args(opts=["TRAINER.MAPLE.N_CTX", "4"]))
     assert cfg.TRAINER.MAPLE.N_CTX == 4
 
 
-def test_import_trainers_is_skipped_when_package_is_missing(monkeypatch):
-    imported = []
-    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(config.importlib, "import_module", lambda name: imported.append(name))
-    _REAL_IMPORT_TRAINERS()
-    assert imported == []
+def test_engine_imports_nothing_above_it():
+    """engine/ is the bottom layer: no import (static or importlib) of trainers, datasets or tools."""
+    import ast
+    from pathlib import Path
+
+    above = {"trainers", "datasets", "tools", "train"}
+    for path in sorted((Path(config.__file__).parent).glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args \
+                    and isinstance(node.args[0], ast.Constant):
+                names = [node.args[0].value]
+            assert not [n for n in names if n.split(".")[0] in above], f"{path.name} imports {names}"
 
 
 def test_coop_yaml_loads_unchanged(tmp_path):
