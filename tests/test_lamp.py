@@ -163,6 +163,26 @@ def test_end_to_end_base_then_new_with_bias_adaptation(root, tmp_path):
     assert "new-class bias adapted" in (tmp_path / "test_new" / "log.txt").read_text()
 
 
+def test_without_lbo_the_selections_are_still_recorded_and_the_bias_stays_zero(root, tmp_path):
+    """USE_LBO False (Table 6's "w/o LBO"): the per-layer selection frequencies are measured as with LBO (so the
+    load balance of both can be compared), while b is never updated."""
+    train_dir = tmp_path / "no_lbo"
+    res = run_train(root, train_dir, "LAMP", CONFIG, "TRAINER.LAMP.USE_LBO", "False", "OPTIM.MAX_EPOCH", "1",
+                    "OPTIM.WARMUP_EPOCH", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "8")
+    diag = res["load_diagnostics"]
+    assert sorted(diag, key=int) == [str(l) for l in range(3, 13)]
+    for d in diag.values():
+        freq = d["freq"]
+        assert len(freq) == 20 and sum(freq) == pytest.approx(1.0, abs=1e-4)
+        assert max(freq) > 0 and d["bias_min"] == d["bias_max"] == 0.0
+        mean = sum(freq) / len(freq)
+        cv = (sum((f - mean) ** 2 for f in freq) / len(freq)) ** 0.5 / mean
+        assert d["cv"] == pytest.approx(cv, rel=1e-3) and d["cv"] > 0
+    state = torch.load(train_dir / "lamp" / "model.pth.tar-0", weights_only=False)["state_dict"]
+    for l in range(3, 13):
+        assert not state[f"layers.{l}.bias"].any() and state[f"layers.{l}.load"].sum() > 0
+
+
 def test_new_test_scores_new_names_and_adapts_a_separate_bias(root, tmp_path):
     train_dir = tmp_path / "train_base"
     run_train(root, train_dir, "LAMP", CONFIG, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")

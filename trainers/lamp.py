@@ -172,7 +172,9 @@ class LampPrompts(nn.Module):
 
     @torch.no_grad()
     def lbo_update(self, gamma, use_new_bias=False):
-        if not (self.cfg.USE_LBO and self.cfg.USE_POOL) or not self.record_load():
+        """Record the batch's selections (always: the load diagnostics of a run without LBO are measured the
+        same way), then, with LBO on, move the bias against the over-used entries. Without LBO b stays 0."""
+        if not self.record_load() or not self.cfg.USE_LBO:
             return
         target = self.k / self.cfg.POOL_SIZE
         sign = -1.0 if self.cfg.LBO_SIGN == "corrected" else 1.0
@@ -196,16 +198,20 @@ class LampPrompts(nn.Module):
         return g0 * 0.5 * (1 + math.cos(math.pi * float(self.global_step) / total_steps))
 
     def load_diagnostics(self, use_new_bias=False):
-        """Per layer: min / max / entropy of the selection frequencies of this epoch or test pass (sum 1),
-        and the range of the bias in use (``bias_new`` with ``use_new_bias``)."""
+        """Per layer: the per-entry selection frequencies of this epoch or test pass (sum 1), their min / max /
+        entropy and coefficient of variation ``cv`` (population std / mean over the M entries: 0 = perfectly
+        balanced; None before any selection was recorded), and the range of the bias in use (``bias_new`` with
+        ``use_new_bias``)."""
         out = {}
         for l in self.layer_ids:
             layer = self.layer(l)
             p = layer.load / layer.load.sum().clamp_min(1e-12)
             entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+            recorded = float(layer.load.sum()) > 0
             bias = layer.bias_new if use_new_bias else layer.bias
             out[str(l)] = {"freq": [round(float(v), 6) for v in p], "min": float(p.min()), "max": float(p.max()),
                            "entropy": entropy,
+                           "cv": float(p.std(unbiased=False) / p.mean()) if recorded else None,
                            "max_entropy": math.log(self.cfg.POOL_SIZE),
                            "bias_min": float(bias.min()), "bias_max": float(bias.max())}
         return out
