@@ -118,7 +118,7 @@ def plot_expert_load(plan, out_dir):
     """One heatmap per LAMP run folder with ``load_diagnostics`` in its results.json (first seed of each
     row / dataset / setting): rows = LAMP layers, columns = the pool entries, colour = selection frequency
     x M (1 = its fair share) in the last training epoch. Older results without per-entry frequencies give
-    min / max frequency x M and entropy / log M instead."""
+    min / max frequency x M and entropy / log M instead. Runs without selections (no pool) get none."""
     paths = []
     seen = set()
     for u in plan.members or plan.units:
@@ -129,11 +129,11 @@ def plot_expert_load(plan, out_dir):
             continue
         with open(path) as f:
             diag = json.load(f).get("load_diagnostics")
-        if not diag:
-            continue
-        seen.add((u.setting, u.row.label))
-        layers = sorted(diag, key=int)
+        layers = sorted(diag or {}, key=int)
         per_entry = all("freq" in diag[l] for l in layers)
+        if not layers or (per_entry and not any(sum(diag[l]["freq"]) for l in layers)):
+            continue      # no diagnostics, or nothing selected (a run without the pool, USE_POOL False)
+        seen.add((u.setting, u.row.label))
         data = []
         for l in layers:
             d = diag[l]
