@@ -42,6 +42,8 @@ def parse_args(argv):
     p.add_argument("--qos", default=None)
     p.add_argument("--no-wait", action="store_true", help="slurm: return after submitting (render later with --collect-only)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the spec's seeds")
+    p.add_argument("--settings", type=int, nargs="+", default=None,
+                   help="override the spec's settings (imbalance factors or shots), e.g. to run one factor first")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--efficiency-dataset", default=None, help="table5: dataset to time (default: the spec's, eurosat)")
     p.add_argument("--cpu-shots", type=int, default=4, help="table5 without a GPU: training images per class (subset)")
@@ -86,7 +88,7 @@ def main(argv=None):
         from tools.tables.efficiency import main as eff_main
         return eff_main(args)
     from tools.tables import build_plan, collect, launch, load_spec, render_all
-    overrides = {"seeds": args.seeds} if args.seeds else None
+    overrides = {k: v for k, v in (("seeds", args.seeds), ("settings", args.settings)) if v} or None
     spec = load_spec(args.spec, overrides)
     plan = build_plan(spec, args.output, args.data, args.opts)
     if args.dry_run:
