@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 import yaml
 
 from engine.run_identity import variant_tag
-from tools.tables.spec import REPO, SpecError, dataset_info
+from tools.tables.spec import PLANNER_KEYS, REPO, SpecError, dataset_info
 
 LOCK_NAME = ".table.lock"
 # Trainers with nothing to train: their "training" run only evaluates (0 training steps).
 UNTRAINED_TRAINERS = {"ZeroshotCLIP"}
 ENGINE_DEFAULTS = {"OPTIM.MAX_EPOCH": 10, "DATALOADER.TRAIN_X.BATCH_SIZE": 32}  # engine/config.py
+
+
+# results.json fields a collected run must agree on with its plan (tools/tables/results.py checks them)
+CHECKED_FIELDS = ("trainer", "dataset", "seed", "subsample_classes", "imb_factor", "num_shots", "loss", "config")
 
 
 @dataclass
@@ -33,6 +37,31 @@ class Step:
     dataset: str            # folder name of the dataset (spec name)
     argv: list              # train.py arguments
     eval_only: bool = False
+
+    def expected(self):
+        """What this run's results.json must record, read back from its own train.py arguments: trainer,
+        dataset (DATASET.NAME of its dataset config), seed, subsample_classes / imb_factor / num_shots / loss
+        where the arguments set them (last value wins, as in yacs), and config = the run's config folder
+        name (config + "_la" + variant tag; train.py records that folder name)."""
+        argv = list(self.argv)
+        flags = {}
+        i = 0
+        while i < len(argv) and argv[i].startswith("--"):
+            if argv[i] == "--eval-only":
+                i += 1
+                continue
+            flags[argv[i]] = argv[i + 1]
+            i += 2
+        opts = dict(zip(argv[i::2], argv[i + 1::2]))
+        dataset = opts.get("DATASET.NAME") or _dataset_cfg_name(os.path.splitext(os.path.basename(flags["--dataset-config-file"]))[0])
+        out = {"trainer": flags["--trainer"], "dataset": dataset, "seed": int(flags["--seed"]),
+               "config": os.path.basename(os.path.dirname(os.path.normpath(self.folder)))}
+        for key, field_name, cast in (("DATASET.SUBSAMPLE_CLASSES", "subsample_classes", str),
+                                      ("DATASET.IMB_FACTOR", "imb_factor", float),
+                                      ("DATASET.NUM_SHOTS", "num_shots", int), ("TRAINER.LOSS", "loss", str)):
+            if key in opts:
+                out[field_name] = cast(opts[key])
+        return out
 
     @property
     def done(self):
@@ -214,6 +243,9 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
     extra_opts = list(extra_opts or [])
     if len(extra_opts) % 2:
         raise SpecError(f"--opts must be KEY VALUE pairs, got {extra_opts}")
+    moved = [k for k in extra_opts[0::2] if k in PLANNER_KEYS]
+    if moved:
+        raise SpecError(f"--opts may not set {', '.join(moved)} (use --output / --data)")
     out = os.path.abspath(output)
     data = os.path.abspath(data_root)
     cache = os.path.join(out, "cache")

@@ -47,6 +47,7 @@ folder, so it is the very run the main tables use.
 """
 import functools
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,40 @@ METHOD_KEYS = {"label", "trainer", "config", "config_by_dataset", "loss", "opts"
 
 class SpecError(UserError):
     """A table spec that cannot be used (unknown key, missing field, bad value)."""
+
+
+# A name that becomes one folder of a run's path (dataset, trainer, config): one plain path component, so
+# that no run folder leaves --output (and no dataset config leaves configs/datasets).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# Keys the planner sets for every run (where runs and data live): a spec may not move them.
+PLANNER_KEYS = ("OUTPUT_DIR", "DATASET.ROOT", "DATASET.CACHE_DIR")
+TRAINER_CONFIGS = REPO / "configs" / "trainers"
+DATASET_CONFIGS = REPO / "configs" / "datasets"
+
+
+def _safe_name(value, what, where):
+    value = str(value)
+    if not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise SpecError(f"{where}: {what} {value!r} must be a plain name (letters, digits, . _ + -): it becomes a "
+                        f"folder under --output / a file under configs/")
+    return value
+
+
+def _trainer_names():
+    return sorted(p.name for p in TRAINER_CONFIGS.iterdir() if p.is_dir())
+
+
+def trainer_config_path(trainer, config):
+    return TRAINER_CONFIGS / trainer / f"{config}.yaml"
+
+
+def _check_trainer_config(trainer, config, where):
+    if not (TRAINER_CONFIGS / trainer).is_dir():
+        raise SpecError(f"{where}: unknown trainer {trainer!r} (known: {' '.join(_trainer_names())})")
+    if not trainer_config_path(trainer, config).is_file():
+        known = sorted(p.stem for p in (TRAINER_CONFIGS / trainer).glob("*.yaml"))
+        raise SpecError(f"{where}: unknown config {config!r} of {trainer} (no configs/trainers/{trainer}/{config}.yaml; "
+                        f"known: {' '.join(known)})")
 
 
 @dataclass(frozen=True)
@@ -156,18 +191,27 @@ def _opts(value, where):
     value = list(value or [])
     if len(value) % 2:
         raise SpecError(f"{where}: opts must be KEY VALUE pairs, got {value}")
+    moved = [k for k in value[0::2] if str(k) in PLANNER_KEYS]
+    if moved:
+        raise SpecError(f"{where}: opts may not set {', '.join(map(str, moved))} (the planner sets it from "
+                        f"--output / --data)")
     return tuple(str(v) for v in value)
 
 
 def _dataset(entry, where):
     if isinstance(entry, str):
-        return Dataset(entry, entry)
-    if isinstance(entry, dict) and "name" in entry:
-        unknown = set(entry) - {"name", "config", "opts"}
-        if unknown:
-            raise SpecError(f"{where}: unknown dataset key(s) {sorted(unknown)}")
-        return Dataset(str(entry["name"]), str(entry.get("config", entry["name"])), _opts(entry.get("opts"), where))
-    raise SpecError(f"{where}: a dataset is a name or a mapping with 'name', got {entry!r}")
+        entry = {"name": entry}
+    if not (isinstance(entry, dict) and "name" in entry):
+        raise SpecError(f"{where}: a dataset is a name or a mapping with 'name', got {entry!r}")
+    unknown = set(entry) - {"name", "config", "opts"}
+    if unknown:
+        raise SpecError(f"{where}: unknown dataset key(s) {sorted(unknown)}")
+    name = _safe_name(entry["name"], "dataset name", where)
+    config = _safe_name(entry.get("config", name), "dataset config", where)
+    if not (DATASET_CONFIGS / f"{config}.yaml").is_file():
+        known = sorted(p.stem for p in DATASET_CONFIGS.glob("*.yaml"))
+        raise SpecError(f"{where}: unknown dataset {config!r} (no configs/datasets/{config}.yaml; known: {' '.join(known)})")
+    return Dataset(name, config, _opts(entry.get("opts"), where))
 
 
 def _value_label(value):
@@ -183,6 +227,9 @@ def _rows(method, where):
     for key in ("trainer", "config"):
         if not method.get(key):
             raise SpecError(f"{where}: a method needs '{key}'")
+    trainer = _safe_name(method["trainer"], "trainer", where)
+    method = dict(method, trainer=trainer, config=_safe_name(method["config"], "config", where))
+    _check_trainer_config(trainer, method["config"], where)
     label = str(method.get("label", method["trainer"]))
     loss = str(method.get("loss", "ce"))
     if loss not in ("ce", "la"):
@@ -191,7 +238,9 @@ def _rows(method, where):
     by_dataset = method.get("config_by_dataset") or {}
     if not isinstance(by_dataset, dict) or not all(isinstance(v, str) and v for v in by_dataset.values()):
         raise SpecError(f"{where}: config_by_dataset maps dataset names to config names, got {by_dataset!r}")
-    by_dataset = tuple(sorted((str(k), v) for k, v in by_dataset.items()))
+    by_dataset = tuple(sorted((str(k), _safe_name(v, "config", where)) for k, v in by_dataset.items()))
+    for _, cfg in by_dataset:
+        _check_trainer_config(trainer, cfg, f"{where}: config_by_dataset")
     variants = []
     for v in method.get("variants") or []:
         variants.append((str(v.get("label", "")), _opts(v.get("opts"), where), ()))
@@ -237,9 +286,24 @@ def load_spec(path_or_name, overrides=None):
     return build_spec(raw, path)
 
 
+def read_yaml(path):
+    """A spec file as data; malformed YAML and python tags (``!!python/...``) are one-line SpecErrors."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        if "python/" in str(err):
+            raise SpecError(f"{path}: YAML python tags are not allowed in a spec{at}: {problem}") from None
+        raise SpecError(f"{path}: not valid YAML{at}: {problem}") from None
+
+
 def _read_with_base(path, depth=0):
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    if not Path(path).is_file():
+        raise SpecError(f"{path}: no such spec file")
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a mapping")
     if raw.get("base"):
@@ -270,7 +334,7 @@ def build_spec(raw, path=None):
         raise SpecError(f"{where}: unknown layout key(s) {sorted(unknown)} (known: {sorted(LAYOUT_KEYS)})")
     allowed = B2N_METRICS if regime in ("lt_b2n", "fewshot") else ALL_METRICS
     metrics = list(layout.get("metrics") or (["hm_acc", "hm_f1"] if regime in ("lt_b2n", "fewshot") else ["acc", "f1"]))
-    bad = [m for m in metrics if m not in allowed]
+    bad = [m for m in metrics + list(layout.get("metric_labels") or {}) if m not in allowed]
     if bad:
         raise SpecError(f"{where}: metric(s) {bad} not available for regime {regime} (choose from {allowed})")
     average = str(layout.get("average", "last"))
@@ -279,7 +343,13 @@ def build_spec(raw, path=None):
     blocks = layout.get("blocks", "auto")
     if blocks not in ("auto", "settings", "none"):
         raise SpecError(f"{where}: layout.blocks must be auto, settings or none, got {blocks!r}")
-    settings = [int(s) for s in raw["settings"]]
+    try:
+        settings = [int(s) for s in raw["settings"]]
+        seeds = [int(s) for s in raw["seeds"]]
+    except (TypeError, ValueError):
+        raise SpecError(f"{where}: settings and seeds are lists of integers, got {raw['settings']!r} / {raw['seeds']!r}") from None
+    if not isinstance(raw["methods"], list) or not all(isinstance(m, dict) for m in raw["methods"]):
+        raise SpecError(f"{where}: methods is a list of mappings")
     if blocks == "none" and len(settings) != 1:
         raise SpecError(f"{where}: layout.blocks none needs exactly one setting, got {settings}")
     source = None
@@ -308,7 +378,7 @@ def build_spec(raw, path=None):
     return Spec(
         name=str(raw.get("name") or (path.stem if path else "table")),
         title=str(raw.get("title", "")),
-        regime=regime, settings=settings, seeds=[int(s) for s in raw["seeds"]], datasets=datasets, rows=rows,
+        regime=regime, settings=settings, seeds=seeds, datasets=datasets, rows=rows,
         source=source, opts=_opts(raw.get("opts"), where), eval_key=str(raw.get("eval_key", "test")),
         metrics=metrics, metric_labels=dict(layout.get("metric_labels") or {}), average=average,
         average_label=str(layout.get("average_label", "Average")),
