@@ -234,11 +234,11 @@ def test_collect_render_eval_key_best_and_paper(tmp_path):
     assert cells[(10, "LAMP", "dtd", "base_head_acc")].mean == pytest.approx(sum(b) / 2 + 3)
     # eval_key is honoured: with "test" nothing is found
     assert collect(build_plan(_tiny_spec(), tmp_path))[(10, "LAMP", "dtd", "hm_acc")].mean is None
-    paper = {(10, "LAMP", "dtd", "hm_acc"): (50.0, "50.00", 7)}
+    paper = {(10, "LAMP", "dtd", "hm_acc"): (50.0, "50.00", 7), (10, "CoOp", "dtd", "hm_acc"): (40.0, "40.00", 6)}
     md = markdown(spec, cells, paper)
     lamp_line = next(l for l in md.splitlines() if l.startswith("| LAMP |"))
     assert f"**{c.mean:.2f} ± {c.std:.2f}**" in lamp_line       # best in its column is bold
-    assert f"{c.mean - 50:+.2f}" in md and "lines 7–7" in md
+    assert f"{c.mean - 50:+.2f}" in md and "lines 6–7" in md
     rows = list(csv.DictReader(to_csv(spec, cells, paper).splitlines()))
     r = next(r for r in rows if (r["row"], r["group"], r["metric"]) == ("LAMP", "dtd", "hm_acc"))
     assert float(r["paper"]) == 50.0 and float(r["diff"]) == pytest.approx(c.mean - 50, abs=1e-4)
@@ -482,11 +482,11 @@ def test_rows_without_paper_numbers_render_as_absent(tmp_path):
     md = markdown(spec, cells, paper)
     paper_part = md.split("Paper (lines")[1].split("Ours − paper:")[0]
     assert "of lamp_paper.txt" in md.split("Paper (lines")[1].splitlines()[0]
-    mmrl = next(l for l in paper_part.splitlines() if l.startswith("| MMRL+LA |"))
+    mmrl = next(l for l in paper_part.splitlines() if l.startswith("| MMRL+LA † |"))
     assert set(mmrl.strip("| ").split(" | ")[1:]) == {"–"}
     lamp = next(l for l in paper_part.splitlines() if l.startswith("| LAMP |"))
     assert "–" not in lamp
-    ours = next(l for l in md.split("Paper (lines")[0].splitlines() if l.startswith("| MMRL+LA |"))
+    ours = next(l for l in md.split("Paper (lines")[0].splitlines() if l.startswith("| MMRL+LA † |"))
     assert "48.00 ± 0.00" in ours                     # our number is there, the paper's is absent
     rows = list(csv.DictReader(to_csv(spec, cells, paper).splitlines()))
     r = next(r for r in rows if (r["row"], r["group"], r["metric"]) == ("MMRL+LA", "dtd", "hm_acc"))

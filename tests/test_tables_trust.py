@@ -144,6 +144,10 @@ BAD_SPECS = {
                                        "dataset config '../trainers/CoOp/vit_b16_ep50' must be a plain name"),
     "absolute dataset path": (GOOD.replace("- dtd", "- /tmp/x"), "dataset name '/tmp/x' must be a plain name"),
     "trainer path": (GOOD.replace("trainer: CoOp", "trainer: ../CoOp"), "trainer '../CoOp' must be a plain name"),
+    "dataset root leaving --data": (GOOD.replace("- dtd", "- {name: dtd, opts: [DATASET.ROOT, ../elsewhere]}"),
+                                    "dataset dtd: DATASET.ROOT ../elsewhere leaves --data"),
+    "absolute dataset root outside --data": (GOOD.replace("- dtd", "- {name: dtd, opts: [DATASET.ROOT, /tmp]}"),
+                                             "dataset dtd: DATASET.ROOT /tmp leaves --data"),
     "opts moving --data": (GOOD.replace("name: mini", "name: mini\nopts: [DATASET.ROOT, /elsewhere]"),
                            "opts may not set DATASET.ROOT"),
     "not a mapping": ("- a\n- b\n", "a spec is a mapping"),
@@ -178,6 +182,12 @@ def test_planner_keys_in_cli_opts_and_jobs_below_one_are_refused(tmp_path, capsy
     from tools.tables.launcher import launch
     with pytest.raises(SpecError.__mro__[1], match="--jobs must be at least 1"):
         launch(build_plan(load_spec(TWO_ROWS), tmp_path / "o2"), jobs=0)
+
+
+def test_a_dataset_root_inside_data_is_resolved_there(tmp_path):
+    spec = load_spec({**TWO_ROWS, "datasets": [{"name": "b", "config": "dtd", "opts": ["DATASET.ROOT", "sub/b"]}]})
+    argv = build_plan(spec, tmp_path / "o", tmp_path / "data").units[0].steps[0].argv
+    assert argv[argv.index("DATASET.ROOT") + 1] == str(tmp_path / "data" / "sub" / "b")
 
 
 def test_every_shipped_spec_passes_the_plan_time_checks():

@@ -43,6 +43,7 @@ def parse_args(argv):
     p.add_argument("--no-wait", action="store_true", help="slurm: return after submitting (render later with --collect-only)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the spec's seeds")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--tex-paper", action="store_true", help="LaTeX: the paper's value next to ours in each cell")
     p.add_argument("--efficiency-dataset", default=None, help="table5: dataset to time (default: the spec's, eurosat)")
     p.add_argument("--cpu-shots", type=int, default=4, help="table5 without a GPU: training images per class (subset)")
     p.add_argument("--quiet", action="store_true", help="--dry-run: totals only, no run list")
@@ -111,7 +112,7 @@ def main(argv=None):
     refused = []
     cells = collect(plan, warn=lambda m: print(f"warning: {m}", file=sys.stderr), refused=refused)
     out_dir = Path(plan.output) / "tables" / spec.name
-    paths = render_all(plan, cells, out_dir, with_plots=not args.no_plots)
+    paths = render_all(plan, cells, out_dir, with_plots=not args.no_plots, tex_paper=args.tex_paper)
     states = plan.states()
     done = sum(1 for v in states.values() if v == "done")
     print((out_dir / f"{spec.name}.md").read_text())

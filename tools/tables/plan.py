@@ -263,7 +263,7 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
                     return (["--root", data, "--seed", str(seed), "--trainer", row.trainer,
                              "--dataset-config-file", str(REPO / "configs" / "datasets" / f"{dataset.config}.yaml"),
                              "--config-file", tcfg, "--output-dir", folder] + flags
-                            + ["DATASET.CACHE_DIR", cache] + regime_opts + list(dataset.opts) + common)
+                            + ["DATASET.CACHE_DIR", cache] + regime_opts + _inside_data(dataset, data) + common)
                 if spec.b2n:
                     shots, imb = (100, setting) if spec.regime == "lt_b2n" else (setting, 1)
                     for ds in spec.datasets:
@@ -291,6 +291,19 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
                     _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
                                                  (row.trainer, cfg, row.loss, opts_key, src), cfg))
     return Plan(spec, out, list(units.values()), members)
+
+
+def _inside_data(dataset, data):
+    """The dataset's opts with its DATASET.ROOT (a folder inside --data, relative or absolute) made absolute;
+    a root that leaves --data is an error."""
+    opts = list(dataset.opts)
+    for i in range(0, len(opts), 2):
+        if opts[i] == "DATASET.ROOT":
+            path = os.path.normpath(os.path.join(data, opts[i + 1]))
+            if os.path.commonpath([path, data]) != data:
+                raise SpecError(f"dataset {dataset.name}: DATASET.ROOT {opts[i + 1]} leaves --data {data}")
+            opts[i + 1] = path
+    return opts
 
 
 def _add(units, identities, members, unit):

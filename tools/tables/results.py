@@ -4,7 +4,8 @@ Conventions (tools/collect_results.py, methods.md 1.2): metrics are averaged ove
 are the harmonic mean of the seed-averaged base and new accuracy / macro-F1. The ``±`` of an HM cell is the
 sample std (ddof=1) over seeds of the per-seed HM (seeds with both a base and a new result); of a plain
 metric, the sample std of that metric. ``hm_mean`` = (HM-A + HM-M) / 2. An average column is the plain mean
-of the per-dataset means (no std) and is empty unless every dataset has a value.
+of the per-dataset means (no std) and is empty unless every dataset has a value; with ``layout.average_hm:
+of_averages`` its HM cells are instead the HM of its average base and new (VaMP's convention).
 
 Only the planned run goes into a cell: each ``results.json`` is checked against the run the plan expects
 (``Step.expected``: trainer, dataset, seed, split, imbalance factor, shots, loss, config folder / variant
@@ -115,7 +116,22 @@ def collect(plan, warn=lambda msg: None, refused=None):
                     n = min(cells[(setting, row.label, d, metric)].n for d in targets)
                     cells[(setting, row.label, AVERAGE, metric)] = Cell(
                         None if any(v is None for v in vals) else sum(vals) / len(vals), None, n, of)
+                if spec.b2n and spec.average_hm == "of_averages":
+                    _hm_of_averages(cells, (setting, row.label, AVERAGE), of)
     return cells
+
+
+def _hm_of_averages(cells, key, of):
+    """The Average column's HM cells as the HM of the average base and new (VaMP's convention), not the mean
+    of the per-dataset HMs; hm_mean = the mean of the two."""
+    hms = []
+    for hm, base, new in (("hm_acc", "base_acc", "new_acc"), ("hm_f1", "base_f1", "new_f1")):
+        b, n = cells[key + (base,)], cells[key + (new,)]
+        value = harmonic_mean(b.mean, n.mean) if b.mean is not None and n.mean is not None else None
+        cells[key + (hm,)] = Cell(value, None, min(b.n, n.n), of)
+        hms.append(cells[key + (hm,)])
+    cells[key + ("hm_mean",)] = Cell(None if any(h.mean is None for h in hms) else sum(h.mean for h in hms) / 2,
+                                     None, min(h.n for h in hms), of)
 
 
 def _all_metrics(spec):

@@ -38,7 +38,12 @@ renderer all read the same object, so a table and the runs behind it cannot drif
       average_label: Average
       source_column: true         # xd/dg: the source dataset's own test as the first column group
       blocks: auto                # auto (one block per setting when there are several) | settings | none
+      average_hm: per_dataset     # B2N: the Average column's HM = mean of the per-dataset HMs (LAMP's tables) |
+                                  # of_averages = HM of the average base / new (as VaMP reports it)
+      tex_max_columns: 12         # LaTeX: at most this many value columns per tabular (wider: split by groups)
     paper: table1_paper.csv       # the paper's numbers, next to the spec (a row may have none: shown as –)
+    paper_omit_rows: [CLIP]       # rows whose paper numbers are not comparable: shown as – (say why in notes)
+    notes: ["..."]                # caveats: printed under the markdown table and in the LaTeX caption
     paper_source: lamp_paper.txt  # the text the CSV's line numbers refer to (default lamp_paper.txt)
     plot: {kind: bars}            # bars (Fig. 1) | sweep (Fig. 3) | none
 
@@ -65,8 +70,10 @@ METRIC_LABELS = {"base_acc": "Base", "new_acc": "New", "hm_acc": "HM-A", "base_f
                  "hm_f1": "HM-M", "hm_mean": "Avg.", "base_head_acc": "Head", "base_tail_acc": "Tail",
                  "acc": "Acc.", "f1": "Mac.", "head_acc": "Head", "tail_acc": "Tail"}
 SPEC_KEYS = {"name", "title", "base", "regime", "settings", "seeds", "datasets", "source", "opts", "eval_key",
-             "methods", "layout", "paper", "paper_source", "plot", "notes"}
-LAYOUT_KEYS = {"metrics", "metric_labels", "average", "average_label", "source_column", "blocks"}
+             "methods", "layout", "paper", "paper_source", "paper_omit_rows", "plot", "notes"}
+LAYOUT_KEYS = {"metrics", "metric_labels", "average", "average_label", "average_hm", "source_column", "blocks",
+               "tex_max_columns"}
+AVERAGE_HM = ("per_dataset", "of_averages")
 METHOD_KEYS = {"label", "trainer", "config", "config_by_dataset", "loss", "opts", "variants", "sweep"}
 
 
@@ -148,12 +155,24 @@ class Spec:
     metric_labels: dict = field(default_factory=dict)
     average: str = "last"
     average_label: str = "Average"
+    axis_labels: dict = field(default_factory=dict)   # sweep axis name -> its printed label (e.g. beta -> β)
     source_column: bool = False
     blocks: bool = False
     paper: Path = None
     paper_source: str = "lamp_paper.txt"
     plot: dict = field(default_factory=dict)
     path: Path = None
+    notes: list = field(default_factory=list)
+    paper_omit_rows: list = field(default_factory=list)
+    average_hm: str = "per_dataset"
+    tex_max_columns: int = 12
+
+    def first_column_label(self):
+        """"Method", or the swept key (β, M) when every row is one value of the same sweep axes."""
+        axes = {tuple(a[0] for a in r.axes) for r in self.rows}
+        if len(axes) == 1 and all(r.axes for r in self.rows) and all(r.method == self.rows[0].method for r in self.rows):
+            return ", ".join(self.axis_labels.get(a, a) for a in next(iter(axes)))
+        return "Method"
 
     @property
     def b2n(self):
@@ -187,11 +206,11 @@ def dataset_info():
         return yaml.safe_load(f)
 
 
-def _opts(value, where):
+def _opts(value, where, allowed=()):
     value = list(value or [])
     if len(value) % 2:
         raise SpecError(f"{where}: opts must be KEY VALUE pairs, got {value}")
-    moved = [k for k in value[0::2] if str(k) in PLANNER_KEYS]
+    moved = [k for k in value[0::2] if str(k) in PLANNER_KEYS and str(k) not in allowed]
     if moved:
         raise SpecError(f"{where}: opts may not set {', '.join(map(str, moved))} (the planner sets it from "
                         f"--output / --data)")
@@ -211,7 +230,8 @@ def _dataset(entry, where):
     if not (DATASET_CONFIGS / f"{config}.yaml").is_file():
         known = sorted(p.stem for p in DATASET_CONFIGS.glob("*.yaml"))
         raise SpecError(f"{where}: unknown dataset {config!r} (no configs/datasets/{config}.yaml; known: {' '.join(known)})")
-    return Dataset(name, config, _opts(entry.get("opts"), where))
+    # a dataset's own DATASET.ROOT is a folder inside --data (the planner resolves and checks it)
+    return Dataset(name, config, _opts(entry.get("opts"), where, allowed=("DATASET.ROOT",)))
 
 
 def _value_label(value):
@@ -249,6 +269,9 @@ def _rows(method, where):
         for axis in axes:
             if not {"name", "key", "values"} <= set(axis):
                 raise SpecError(f"{where}: a sweep axis needs name, key and values, got {axis}")
+            unknown = set(axis) - {"name", "key", "values", "default", "label"}
+            if unknown:
+                raise SpecError(f"{where}: unknown sweep axis key(s) {sorted(unknown)}")
         for combo in itertools.product(*[axis["values"] for axis in axes]):
             opts, labels = [], []
             for axis, value in zip(axes, combo):
@@ -375,6 +398,24 @@ def build_spec(raw, path=None):
     paper = raw.get("paper")
     if paper:
         paper = (path.parent if path else SPEC_DIR) / paper
+    notes = raw.get("notes") or []
+    notes = [notes] if isinstance(notes, str) else notes
+    if not isinstance(notes, list) or not all(isinstance(n, str) and n.strip() for n in notes):
+        raise SpecError(f"{where}: notes is a text or a list of texts, got {raw.get('notes')!r}")
+    omit = raw.get("paper_omit_rows") or []
+    stray = sorted(set(map(str, omit)) - set(labels))
+    if stray:
+        raise SpecError(f"{where}: paper_omit_rows names {stray}, which are not rows of this spec ({labels})")
+    average_hm = str(layout.get("average_hm", "per_dataset"))
+    if average_hm not in AVERAGE_HM:
+        raise SpecError(f"{where}: layout.average_hm must be one of {AVERAGE_HM}, got {average_hm!r}")
+    try:
+        tex_max_columns = int(layout.get("tex_max_columns", 12))
+    except (TypeError, ValueError):
+        tex_max_columns = 0
+    if tex_max_columns < 1:
+        raise SpecError(f"{where}: layout.tex_max_columns must be a positive integer, got {layout.get('tex_max_columns')!r}")
+    axis_labels = {str(a["name"]): str(a["label"]) for m in raw["methods"] for a in (m.get("sweep") or []) if "label" in a}
     return Spec(
         name=str(raw.get("name") or (path.stem if path else "table")),
         title=str(raw.get("title", "")),
@@ -385,4 +426,6 @@ def build_spec(raw, path=None):
         source_column=bool(layout.get("source_column", regime in ("xd", "dg"))),
         blocks=(blocks == "settings") or (blocks == "auto" and len(settings) > 1),
         paper=paper, paper_source=str(raw.get("paper_source", "lamp_paper.txt")), plot=dict(raw.get("plot") or {}), path=path,
+        notes=[" ".join(n.split()) for n in notes], paper_omit_rows=[str(r) for r in omit], average_hm=average_hm,
+        tex_max_columns=tex_max_columns, axis_labels=axis_labels,
     )
