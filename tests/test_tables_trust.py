@@ -184,6 +184,22 @@ def test_planner_keys_in_cli_opts_and_jobs_below_one_are_refused(tmp_path, capsy
         launch(build_plan(load_spec(TWO_ROWS), tmp_path / "o2"), jobs=0)
 
 
+def test_table5_spec_errors_are_one_line(tmp_path, capsys):
+    from engine.cli import call_cli
+    from tools.tables.__main__ import main
+    from tools.tables.spec import SPEC_DIR
+    good = (SPEC_DIR / "table5.yaml").read_text()
+    for text, needle in (("name: !!python/name:os.system x\n", "YAML python tags are not allowed"),
+                         ("methods: [a\n", "not valid YAML"),
+                         (good.replace("trainer: LAMP", "trainer: LAMPP", 1), "unknown trainer 'LAMPP'")):
+        assert text != good
+        path = tmp_path / "table5.yaml"
+        path.write_text(text)
+        rc = call_cli(main, [str(path), "--output", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and needle in err, err
+
+
 def test_a_dataset_root_inside_data_is_resolved_there(tmp_path):
     spec = load_spec({**TWO_ROWS, "datasets": [{"name": "b", "config": "dtd", "opts": ["DATASET.ROOT", "sub/b"]}]})
     argv = build_plan(spec, tmp_path / "o", tmp_path / "data").units[0].steps[0].argv
