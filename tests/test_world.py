@@ -317,10 +317,11 @@ def test_prompt_learning_raises_base_accuracy_above_zero_shot(world_root, world_
 
 # ---- the demo report ----------------------------------------------------------------------------------
 
-def _fake_result(folder, acc, head=None, tail=None):
-    Path(folder).mkdir(parents=True)
+def _fake_result(step, acc, head=None, tail=None):
+    """A results.json with the run fields the plan expects of ``step`` (tools/tables checks them)."""
+    Path(step.folder).mkdir(parents=True)
     metrics = {"accuracy": acc, "macro_f1": acc - 1, "mean_class_acc": acc, "head_acc": head, "tail_acc": tail}
-    (Path(folder) / "results.json").write_text(json.dumps({"results": {"test": metrics}}))
+    (Path(step.folder) / "results.json").write_text(json.dumps({**step.expected(), "results": {"test": metrics}}))
 
 
 def test_demo_report_writes_the_summary_plot_and_report(tmp_path, capsys):
@@ -334,11 +335,11 @@ def test_demo_report_writes_the_summary_plot_and_report(tmp_path, capsys):
     for u in plan.units:
         d = shift[u.steps[0].dataset]
         if u.row.label == "ZS-CLIP":
-            _fake_result(u.steps[0].folder, 50 + d, 55 + d, 45 + d)
-            _fake_result(u.steps[1].folder, 45 + d)
+            _fake_result(u.steps[0], 50 + d, 55 + d, 45 + d)
+            _fake_result(u.steps[1], 45 + d)
         elif u.row.label == "CoOp+LA":
-            _fake_result(u.steps[0].folder, 60 + d, 70 + d, 50 + d)
-            _fake_result(u.steps[1].folder, 40 + d)
+            _fake_result(u.steps[0], 60 + d, 70 + d, 50 + d)
+            _fake_result(u.steps[1], 40 + d)
     (tmp_path / "timings.tsv").write_text("data\t3\ntotal\t42\n")
     assert demo_report.main([str(tmp_path), "--backbone", "tiny", "--opts", *opts]) == 0
     report = (tmp_path / "REPORT.md").read_text()

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.cli import run_cli
+from engine.cli import UserError, run_cli
 from tools.tables.spec import REPO
 
 
@@ -45,6 +45,7 @@ def parse_args(argv):
     p.add_argument("--settings", type=int, nargs="+", default=None,
                    help="override the spec's settings (imbalance factors or shots), e.g. to run one factor first")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--tex-paper", action="store_true", help="LaTeX: the paper's value next to ours in each cell")
     p.add_argument("--efficiency-dataset", default=None, help="table5: dataset to time (default: the spec's, eurosat)")
     p.add_argument("--cpu-shots", type=int, default=4, help="table5 without a GPU: training images per class (subset)")
     p.add_argument("--quiet", action="store_true", help="--dry-run: totals only, no run list")
@@ -84,6 +85,8 @@ def dry_run(plan, step_times_path=None, quiet=False, out=print):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     if Path(args.spec).stem == "table5":
         from tools.tables.efficiency import main as eff_main
         return eff_main(args)
@@ -108,13 +111,17 @@ def main(argv=None):
             return 0
         failed = [o for o in report["outcomes"] if o["status"] == "failed"] + report["job_failures"]
         rc = 1 if failed else 0
-    cells = collect(plan, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    refused = []
+    cells = collect(plan, warn=lambda m: print(f"warning: {m}", file=sys.stderr), refused=refused)
     out_dir = Path(plan.output) / "tables" / spec.name
-    paths = render_all(plan, cells, out_dir, with_plots=not args.no_plots)
+    paths = render_all(plan, cells, out_dir, with_plots=not args.no_plots, tex_paper=args.tex_paper)
     states = plan.states()
     done = sum(1 for v in states.values() if v == "done")
     print((out_dir / f"{spec.name}.md").read_text())
     print(f"{spec.name}: {done} of {len(states)} units done; wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    if refused:   # the tables are written (those cells missing), but the run is not clean
+        print(f"{spec.name}: {len(refused)} results.json left out (see the warnings above)", file=sys.stderr)
+        rc = rc or 1
     return rc
 
 
