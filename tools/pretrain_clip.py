@@ -190,9 +190,9 @@ def sha256_file(path):
 # The recipe (tools.pretrain_clip's defaults; the tests pass a fast setting). Measured in the README and in
 # docs/world_benchmark.md: plain objects and hard-negative groups with attribute prompts teach shape, which
 # independent draws of every attribute with the pair loss alone did not (20.8% shape after 240 steps).
-RECIPE = dict(steps=1200, batch_size=64, pool=8000, lr=1e-3, weight_decay=0.1, warmup=20, seed=0, eval_every=300,
-              eval_per_class=10, threads=2, group_size=3, texture_fraction=0.25, plain_fraction=1.0,
-              clutter_fraction=0.3, attribute_weight=1.0)
+RECIPE = dict(steps=620, batch_size=128, pool=8000, lr=1e-3, weight_decay=0.1, warmup=20, seed=0, eval_every=155,
+              eval_per_class=10, threads=2, group_size=3, texture_fraction=0.2, plain_fraction=1.0,
+              clutter_fraction=0.25, attribute_weight=3.0)
 
 
 def pretrain(name="tiny-world", out="", steps=RECIPE["steps"], batch_size=RECIPE["batch_size"], pool=RECIPE["pool"],
