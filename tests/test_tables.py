@@ -43,7 +43,9 @@ COUNTS = {"table1": _b2n(8 + 3, 3, 11, 5), "figure1": _b2n(8 + 3, 3, 11, 5), "ta
           "mmlop_dg": _xd(1, 1, 4, 3),
           "demo": _b2n(13, 1, 3, 1),
           # issue 16 (tests/test_world_benchmark.py): Table 1's 11 rows + zero-shot; Table 6's ablation, 5 rows
-          "world_benchmark": _b2n(11 + 1, 2, 3, 3), "world_ablation": _b2n(5, 1, 3, 3)}
+          "world_benchmark": _b2n(11 + 1, 2, 3, 3), "world_ablation": _b2n(5, 1, 3, 3),
+          # issue 16 section 5: CoOp+LA, LAMP and 8 one-change LAMP variants, LAMP+LA; WorldShapes only
+          "world_diagnosis": _b2n(11, 1, 1, 3)}
 COMMANDS_ELSEWHERE = {"demo": "scripts/demo.sh"}  # specs whose one command is not scripts/tables/<name>.sh
 NEW_SPECS = ["vamp_b2n", "vamp_xd", "vamp_dg", "vamp_ablation", "mmlop_ablation", "mmlop_rank", "mmlop_dg"]
 

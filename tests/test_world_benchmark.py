@@ -69,6 +69,20 @@ def test_settings_override_runs_one_imbalance_factor(tmp_path, capsys):
     assert "/base2new_imb10/" in text and "/base2new_imb50/" not in text
 
 
+def test_datasets_override_keeps_the_spec_s_entries_and_refuses_others(tmp_path, capsys):
+    from engine.cli import run_cli
+    from tools.tables.__main__ import main
+
+    assert main(["world_ablation", "--dry-run", "--output", str(tmp_path / "out"), "--datasets", "world_shapes"]) == 0
+    text = capsys.readouterr().out
+    assert "world_ablation: 15 training runs + 15 evaluation runs = 30 runs" in text
+    assert "/world_shapes/" in text and "/world_clutter/" not in text and "/world_textures/" not in text
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, ["world_ablation", "--dry-run", "--output", str(tmp_path / "out"), "--datasets", "imagenet"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--datasets: imagenet not in the spec's datasets" in err
+
+
 def test_ablation_script_dry_run(tmp_path):
     text = _script_dry_run(tmp_path, "world_ablation")
     # zero-shot + LAMP full / w/o MPP / w/o MSP / w/o LBO, imb 10, 3 datasets, 3 seeds
@@ -128,6 +142,28 @@ def test_ablation_rows_and_shared_folders():
     lamp_bench = {u.key for u in pb.units if u.row.trainer == "LAMP"}
     for label in ("LAMP w/o MPP", "LAMP w/o MSP", "LAMP w/o LBO"):
         assert len(folders(pa, label)) == 9 and not {f[0] for f in folders(pa, label)} & lamp_bench
+
+
+def test_diagnosis_rows_change_one_lamp_setting_and_share_the_benchmark_runs():
+    diag, bench = load_spec("world_diagnosis"), load_spec("world_benchmark")
+    assert (diag.settings, diag.seeds, [d.name for d in diag.datasets]) == ([10], [1, 2, 3], ["world_shapes"])
+    assert diag.opts == WORLD_OPTS
+    lamp = [r for r in diag.rows if r.trainer == "LAMP"]
+    assert len(lamp) == 10 and {r.config for r in lamp} == {"vit_b16_lt_b2n"}
+    changed = [r for r in lamp if r.opts or r.loss != "ce"]
+    assert len(changed) == 9
+    for r in changed:  # one key each (LAMP+LA: the loss), every key a different one or a different value
+        assert len(r.opts) == (0 if r.loss == "la" else 2), r.label
+    assert len({r.opts for r in changed}) == 9
+    pd, pb = build_plan(diag, "/o", "/d"), build_plan(bench, "/o", "/d")
+
+    def folders(plan, label):
+        return {tuple(s.folder for s in u.steps) for u in plan.units
+                if u.row.label == label and u.setting == 10 and u.steps[0].dataset == "world_shapes"}
+
+    for label in ("LAMP", "CoOp+LA"):
+        assert len(folders(pd, label)) == 3 and folders(pd, label) == folders(pb, label)
+    assert not folders(pd, "LAMP+LA") & folders(pb, "LAMP")
 
 
 # ---- claims: the arithmetic on hand-computed numbers --------------------------------------------------------

@@ -42,6 +42,7 @@ def parse_args(argv):
     p.add_argument("--qos", default=None)
     p.add_argument("--no-wait", action="store_true", help="slurm: return after submitting (render later with --collect-only)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the spec's seeds")
+    p.add_argument("--datasets", nargs="+", default=None, help="override the spec's datasets (names it lists)")
     p.add_argument("--settings", type=int, nargs="+", default=None,
                    help="override the spec's settings (imbalance factors or shots), e.g. to run one factor first")
     p.add_argument("--no-plots", action="store_true")
@@ -92,6 +93,13 @@ def main(argv=None):
         return eff_main(args)
     from tools.tables import build_plan, collect, launch, load_spec, render_all
     overrides = {k: v for k, v in (("seeds", args.seeds), ("settings", args.settings)) if v} or None
+    if args.datasets:
+        listed = {d.name: {"name": d.name, "config": d.config, "opts": list(d.opts)}
+                  for d in load_spec(args.spec, overrides).datasets}
+        unknown = [d for d in args.datasets if d not in listed]
+        if unknown:
+            raise UserError(f"--datasets: {', '.join(unknown)} not in the spec's datasets ({', '.join(listed)})")
+        overrides = dict(overrides or {}, datasets=[listed[d] for d in args.datasets])
     spec = load_spec(args.spec, overrides)
     plan = build_plan(spec, args.output, args.data, args.opts)
     if args.dry_run:
