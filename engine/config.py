@@ -302,16 +302,25 @@ def _merge_dict(node, data, source, prefix=""):
             node[key] = _coerce(_decode(value), current, full_key, source)
 
 
+def load_yaml(path, what="yaml file"):
+    """``yaml.safe_load`` of a file (plain data only: no tag builds a Python object). A file that does not parse is
+    a one-line ``ConfigError`` naming it (and the line); an empty file is None."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+        raise ConfigError(f"cannot parse {what} {path}{where}: {' '.join(str(problem).split())}") from err
+
+
 def merge_from_file(cfg, path, trainer=None):
     """Merge a yaml file into ``cfg``; errors name the file and the full dotted key. Keys of official configs
     registered with ``register_config_alias`` are renamed first (``trainer``: the run's trainer name)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    data = load_yaml(path, "config file")
     if data is None:
         return cfg
     if not isinstance(data, dict):

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.cli import UserError
-from engine.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
+from engine.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint,
+                               numpy_rng_state_from_plain, numpy_rng_state_to_plain)
 from engine.clip_loader import load_clip
 from engine.config import ConfigError, dump_cfg
 from engine.data import DataManager
@@ -245,7 +246,8 @@ class TrainerX:
                 "epoch": epoch,
                 "optimizer": self._optims[name].state_dict() if self._optims[name] is not None else None,
                 "scheduler": self._scheds[name].state_dict() if self._scheds[name] is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state_to_plain(np.random.get_state()),
+                        "python": random.getstate()},
                 "extra": self.extra_checkpoint_state(),
                 "history": {"epoch_losses": list(getattr(self, "epoch_losses", [])),
                             "train_time": getattr(self, "train_time", 0.0)},
@@ -326,7 +328,7 @@ class TrainerX:
             rng = ckpt.get("rng")
             if rng:
                 torch.set_rng_state(rng["torch"])
-                np.random.set_state(rng["numpy"])
+                np.random.set_state(numpy_rng_state_from_plain(rng["numpy"]))
                 random.setstate(rng["python"])
             self.load_extra_checkpoint_state(ckpt.get("extra") or {})
             history = ckpt.get("history") or {}

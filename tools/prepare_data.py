@@ -160,7 +160,7 @@ class DatasetInfo:
 
 def dataset_info(name):
     """Registered name (configs/datasets/<name>.yaml) and folder (the dataset class) of a config name."""
-    import yaml
+    from engine.config import load_yaml
 
     import datasets  # noqa: F401  (registers the datasets)
     from engine.registry import DATASET_REGISTRY
@@ -168,7 +168,9 @@ def dataset_info(name):
     cfg_path = REPO / "configs" / "datasets" / f"{name}.yaml"
     if not cfg_path.is_file():
         raise PrepareError(f"no dataset config {cfg_path.relative_to(REPO)} for {name!r}")
-    registered = yaml.safe_load(cfg_path.read_text())["DATASET"]["NAME"]
+    registered = ((load_yaml(cfg_path, "dataset config") or {}).get("DATASET") or {}).get("NAME")
+    if not registered:
+        raise PrepareError(f"dataset config {cfg_path} sets no DATASET.NAME")
     return DatasetInfo(name, registered, DATASET_REGISTRY.get(registered).dataset_dir)
 
 

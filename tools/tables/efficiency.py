@@ -14,7 +14,7 @@ import resource
 import time
 from pathlib import Path
 
-import yaml
+from engine.config import load_yaml
 
 from tools.tables.render import _md_table, fmt
 from tools.tables.spec import REPO, SPEC_DIR, SpecError
@@ -24,8 +24,9 @@ KEYS = {"name", "title", "dataset", "setting", "seed", "methods", "hm_from", "pa
 
 def load_efficiency_spec(path=None):
     path = Path(path or SPEC_DIR / "table5.yaml")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = load_yaml(path, "table spec") or {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec is a mapping")
     unknown = set(raw) - KEYS
     if unknown:
         raise SpecError(f"{path}: unknown key(s) {sorted(unknown)} (known: {sorted(KEYS)})")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from engine.config import load_yaml
 from engine.run_identity import variant_tag
 from tools.tables.spec import REPO, SpecError, dataset_info
 
@@ -105,7 +106,10 @@ def _config_value(trainer, config, key, opts, default=None):
     opts = list(opts)
     for k, v in zip(opts[0::2], opts[1::2]):
         if k == key:
-            return yaml.safe_load(v)
+            try:
+                return yaml.safe_load(v)
+            except yaml.YAMLError:
+                return v
     node = _trainer_yaml(trainer, config)
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -116,8 +120,7 @@ def _config_value(trainer, config, key, opts, default=None):
 
 @functools.lru_cache(maxsize=None)
 def _trainer_yaml(trainer, config):
-    with open(REPO / "configs" / "trainers" / trainer / f"{config}.yaml") as f:
-        return yaml.safe_load(f) or {}
+    return load_yaml(REPO / "configs" / "trainers" / trainer / f"{config}.yaml", "config file") or {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,8 +167,8 @@ def estimate_steps(row, dataset_cfg_name, regime, setting, opts, all_classes=Fal
 
 @functools.lru_cache(maxsize=None)
 def _dataset_cfg_name(config):
-    with open(REPO / "configs" / "datasets" / f"{config}.yaml") as f:
-        return (yaml.safe_load(f) or {}).get("DATASET", {}).get("NAME", config)
+    return (load_yaml(REPO / "configs" / "datasets" / f"{config}.yaml", "config file") or {}).get(
+        "DATASET", {}).get("NAME", config)
 
 
 @dataclass

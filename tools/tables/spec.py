@@ -50,9 +50,8 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from engine.cli import UserError
+from engine.config import load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_DIR = REPO / "configs" / "tables"
@@ -148,8 +147,7 @@ class Spec:
 
 @functools.lru_cache(maxsize=None)
 def dataset_info():
-    with open(SPEC_DIR / "datasets.yaml") as f:
-        return yaml.safe_load(f)
+    return load_yaml(SPEC_DIR / "datasets.yaml", "dataset table")
 
 
 def _opts(value, where):
@@ -238,8 +236,7 @@ def load_spec(path_or_name, overrides=None):
 
 
 def _read_with_base(path, depth=0):
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = load_yaml(path, "table spec") or {}
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a mapping")
     if raw.get("base"):
