@@ -29,6 +29,15 @@ LOSSES = ("ce", "la")
 KNOWN_TRANSFORMS = ("random_resized_crop", "random_crop", "random_flip", "center_crop", "normalize",
                     "colorjitter", "randomgrayscale", "gaussian_blur")
 INTERPOLATION_NAMES = ("bilinear", "bicubic", "nearest")
+PRECISIONS = ("fp32", "fp16", "amp", "bf16")  # TRAINER.<NAME>.PREC (engine/trainer.py)
+# (vision blocks, text blocks) of every backbone clip_loader knows, so that layer indices are checked at config
+# time, before any weights load (tests/test_declared_keys.py checks this table against clip_loader's archs).
+# ResNet backbones have no vision blocks: only text-side indices are checked for them.
+BACKBONE_DEPTHS = {
+    "ViT-B/32": (12, 12), "ViT-B/16": (12, 12), "ViT-L/14": (24, 12), "ViT-L/14@336px": (24, 12),
+    "RN50": (None, 12), "RN101": (None, 12), "RN50x4": (None, 12), "RN50x16": (None, 12), "RN50x64": (None, 12),
+    "tiny": (12, 12), "tiny-world": (12, 12), "ViT-B/16-random": (12, 12), "ViT-B/32-random": (12, 12),
+}
 
 _CONFIG_EXTENSIONS = []
 _CONFIG_ALIASES = []  # (old key or section, new key or section, trainer name or None)
@@ -226,6 +235,229 @@ def _base_defaults():
     _C.TRAINER.LOSS = "ce"  # ce | la (logit-adjusted, methods.md section 12)
     _C.TRAINER.LA_TAU = 1.0
     return _C
+
+
+# ------------------------------------------------------------------------------- declared trainer keys
+
+_DECLARED = {}  # "TRAINER.MMLOP" -> (rules {key: Rule}, relations [fn(section, cfg) -> message or None], module)
+
+
+class Rule:
+    """The valid values of one declared key. ``problem(value, cfg)`` returns what is wrong (a phrase such as
+    "must be >= 1") or None; ``bad_examples(cfg)`` gives values outside the range (for the tests)."""
+
+    def problem(self, value, cfg):
+        return None
+
+    def bad_examples(self, cfg):
+        return []
+
+
+class Int(Rule):
+    """An integer in [low, high] (either end may be None)."""
+
+    def __init__(self, low=None, high=None, also=()):
+        self.low, self.high, self.also = low, high, tuple(also)
+
+    def problem(self, value, cfg):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer"
+        if value in self.also:
+            return None
+        if self.low is not None and value < self.low:
+            return f"must be >= {self.low}" + (f" (or {' / '.join(map(str, self.also))})" if self.also else "")
+        if self.high is not None and value > self.high:
+            return f"must be <= {self.high}"
+        return None
+
+    def bad_examples(self, cfg):
+        out = [] if self.low is None else [v for v in (self.low - 1, self.low - 25) if v not in self.also][:1]
+        return out + ([] if self.high is None else [self.high + 1])
+
+
+class Float(Rule):
+    """A number in [low, high]; ``open_low`` / ``open_high`` exclude the ends."""
+
+    def __init__(self, low=None, high=None, open_low=False, open_high=False, also=()):
+        self.low, self.high, self.open_low, self.open_high, self.also = low, high, open_low, open_high, tuple(also)
+
+    def problem(self, value, cfg):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        if value != value:
+            return "must be a number (got nan)"
+        if value in self.also:
+            return None
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        if low_ok and high_ok:
+            return None
+        lo = "" if self.low is None else ("(" if self.open_low else "[") + f"{self.low}, "
+        hi = "" if self.high is None else f"{self.high}" + (")" if self.open_high else "]")
+        if self.high is None:
+            text = f"must be {'>' if self.open_low else '>='} {self.low}"
+        elif self.low is None:
+            text = f"must be {'<' if self.open_high else '<='} {self.high}"
+        else:
+            text = f"must be in {lo}{hi}"
+        return text + (f" (or {' / '.join(map(str, self.also))})" if self.also else "")
+
+    def bad_examples(self, cfg):
+        out = []
+        if self.low is not None:
+            out.append(self.low if self.open_low else self.low - 1.0)
+            out.append(self.low - 25.0)
+        if self.high is not None:
+            out.append(self.high if self.open_high else self.high + 0.5)
+        return [v for v in out if v not in self.also]
+
+
+class Bool(Rule):
+    def problem(self, value, cfg):
+        return None if isinstance(value, bool) else "must be True or False"
+
+
+class Str(Rule):
+    """Free text (a prompt phrase, for example)."""
+
+    def problem(self, value, cfg):
+        return None if isinstance(value, str) else "must be a string"
+
+
+class Choice(Rule):
+    def __init__(self, *choices):
+        self.choices = tuple(choices)
+
+    def problem(self, value, cfg):
+        return None if value in self.choices else f"must be one of {list(self.choices)}"
+
+    def bad_examples(self, cfg):
+        return ["no_such_choice"]
+
+
+def _depth(cfg, tower):
+    """Number of blocks of the configured backbone on ``tower`` ("vision", "text" or "both": the smaller), or
+    None when the backbone is not in BACKBONE_DEPTHS (it is then checked once the model is built)."""
+    vision, text = BACKBONE_DEPTHS.get(cfg.MODEL.BACKBONE.NAME, (None, None))
+    if tower == "text":
+        return text
+    if tower == "vision":
+        return vision
+    return None if vision is None or text is None else min(vision, text)
+
+
+class Block(Rule):
+    """A block index (1-indexed) of the backbone's ``tower``; ``depth`` True: a number of blocks (same range)."""
+
+    def __init__(self, tower="both"):
+        self.tower = tower
+
+    def problem(self, value, cfg):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer block index"
+        n = _depth(cfg, self.tower)
+        if value < 1 or (n is not None and value > n):
+            return f"must be in 1..{n if n is not None else 'depth'} (blocks of backbone {cfg.MODEL.BACKBONE.NAME})"
+        return None
+
+    def bad_examples(self, cfg):
+        return [0, (_depth(cfg, self.tower) or 12) + 1]
+
+
+class Blocks(Rule):
+    """A list of distinct block indices (1-indexed) of the backbone's ``tower``; ``empty_ok``: [] allowed."""
+
+    def __init__(self, tower="both", empty_ok=False):
+        self.tower, self.empty_ok = tower, empty_ok
+
+    def problem(self, value, cfg):
+        if not isinstance(value, (list, tuple)):
+            return "must be a list of block indices"
+        if not value:
+            return None if self.empty_ok else "must name at least one block"
+        n = _depth(cfg, self.tower)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            return "must be a list of integer block indices"
+        if len(set(value)) != len(value):
+            return "must not repeat a block"
+        if min(value) < 1 or (n is not None and max(value) > n):
+            return f"must be distinct block indices in 1..{n if n is not None else 'depth'} (backbone {cfg.MODEL.BACKBONE.NAME})"
+        return None
+
+    def bad_examples(self, cfg):
+        n = _depth(cfg, self.tower) or 12
+        return [[0], [1, n + 1], [2, 2]] + ([] if self.empty_ok else [[]])
+
+
+class PerDataset(Rule):
+    """A list of "DatasetName:value" entries whose values pass ``value_rule``."""
+
+    def __init__(self, value_rule):
+        self.value_rule = value_rule
+
+    def problem(self, value, cfg):
+        if not isinstance(value, (list, tuple)):
+            return "must be a list of 'DatasetName:value' entries"
+        for entry in value:
+            name, sep, raw = str(entry).rpartition(":")
+            if not sep or not name:
+                return f"entries must look like 'DatasetName:value', got {entry!r}"
+            try:
+                number = ast.literal_eval(raw.strip())
+            except (ValueError, SyntaxError):
+                return f"entry {entry!r} has no number after ':'"
+            why = self.value_rule.problem(number, cfg)
+            if why:
+                return f"entry {entry!r}: the value {why}"
+        return None
+
+    def bad_examples(self, cfg):
+        return [["no colon"], ["*:"]] + [[f"*:{v}"] for v in self.value_rule.bad_examples(cfg)[:1]]
+
+
+def declare_keys(cfg, section, relations=(), **rules):
+    """Declare the valid values of every key of ``section`` (e.g. "TRAINER.MMLOP"), next to the defaults in the
+    trainer's ``@register_config`` function; ``build_cfg`` checks them before CLIP loads, naming the key, the
+    value and the trainer module. ``relations`` are checks across keys: ``fn(section_node, cfg)`` returning
+    None or a message that starts with a key of the section (the section is prefixed). Every key of the section must be declared."""
+    node = cfg
+    for part in section.split("."):
+        node = node[part]
+    missing = [k for k in node if k not in rules and not isinstance(node[k], CN)]
+    unknown = [k for k in rules if k not in node]
+    if missing or unknown:
+        raise RuntimeError(f"declare_keys({section}): undeclared keys {missing}, declared keys that do not exist "
+                           f"{unknown}")
+    module = sys._getframe(1).f_globals.get("__name__", "?")
+    _DECLARED[section] = (dict(rules), list(relations), module)
+
+
+def declared_sections():
+    """{section: (rules, relations, module)} of every ``declare_keys`` call so far (for tests and docs)."""
+    return dict(_DECLARED)
+
+
+def check_declared(cfg):
+    """Check every declared key against its rule, and each section's relations; the first failure is a
+    ``ConfigError`` naming the key, the value and where the rule is declared."""
+    for section, (rules, relations, module) in _DECLARED.items():
+        node = cfg
+        try:
+            for part in section.split("."):
+                node = node[part]
+        except KeyError:
+            continue
+        where = module.replace(".", "/") + ".py"
+        for key, rule in rules.items():
+            if key not in node:
+                continue
+            why = rule.problem(node[key], cfg)
+            if why:
+                raise ConfigError(f"{section}.{key} {why}, got {node[key]!r} (declared in {where})")
+        for relation in relations:
+            why = relation(node, cfg)
+            if why:
+                raise ConfigError(f"{section}.{why} (declared in {where})")
 
 
 def get_cfg_default():
@@ -473,6 +705,7 @@ def validate_cfg(cfg):
     choice("OPTIM.NAME", o.NAME, OPTIMIZERS)
     choice("OPTIM.LR_SCHEDULER", o.LR_SCHEDULER, LR_SCHEDULERS)
     choice("OPTIM.WARMUP_TYPE", o.WARMUP_TYPE, WARMUP_TYPES)
+    check_declared(cfg)
     if o.WARMUP_EPOCH >= o.MAX_EPOCH:
         raise ConfigError(
             f"OPTIM.WARMUP_EPOCH ({o.WARMUP_EPOCH}) covers every epoch (OPTIM.MAX_EPOCH {o.MAX_EPOCH}): the run would "

@@ -26,7 +26,7 @@ from engine.cli import UserError
 from engine.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint,
                                numpy_rng_state_from_plain, numpy_rng_state_to_plain)
 from engine.clip_loader import load_clip
-from engine.config import ConfigError, dump_cfg
+from engine.config import PRECISIONS, ConfigError, dump_cfg  # noqa: F401  (PRECISIONS: re-exported)
 from engine.data import DataManager
 from engine.losses import logit_adjusted_ce
 from engine.metrics import compute_metrics
@@ -34,7 +34,6 @@ from engine.optim import build_lr_scheduler, build_optimizer
 from engine.prompted_clip import PromptedCLIP
 
 CKPT_PREFIX = "model.pth.tar-"
-PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks, insert_after_first, repeat_batch, replace_after_first
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
@@ -50,6 +51,10 @@ def add_mmrl_config(cfg):
     c.REG_WEIGHT_BY_DATASET = list(REG_WEIGHTS)
     c.TEST_BRANCH = "auto"              # auto (fusion on trained classes, cls elsewhere) | fusion | cls | rep
     c.PREC = "amp"
+    declare_keys(cfg, "TRAINER.MMRL", N_REP_TOKENS=Int(1), REP_DIM=Int(1, also=(0,)),
+                 REP_DIM_BY_DATASET=PerDataset(Int(1)), REP_LAYERS=Blocks("both"), SCALE=Float(0, 1),
+                 REG_WEIGHT=Float(0, also=(-1,)), REG_WEIGHT_BY_DATASET=PerDataset(Float(0)),
+                 TEST_BRANCH=Choice(*TEST_BRANCHES), PREC=Choice(*PRECISIONS))
 
 
 def by_dataset(entries, dataset, key):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.registry import TRAINER_REGISTRY
 from trainers.mmrl import MMRL, scaled_cos
 
@@ -55,6 +56,13 @@ def add_vamp_config(cfg):
     c.PROTOTYPE_BATCH = 64
     c.MAX_TEXT_BATCH = 20000   # max text sequences (images x samples x classes) per text-encoder call
     c.PREC = "amp"
+    declare_keys(cfg, "TRAINER.VAMP", SAMPLE_SPECIFIC=Bool(), VARIATIONAL=Bool(), PRIOR=Choice(*PRIORS),
+                 LAYERS=Blocks("both", empty_ok=True), HIDDEN=Int(1), INIT_STD=Float(0, open_low=True),
+                 KL_WEIGHT=Float(0), N_SAMPLES=Int(1), TEST_MODE=Choice(*TEST_MODES), TEST_SEED=Int(0),
+                 PROTOTYPE_BATCH=Int(1), MAX_TEXT_BATCH=Int(1), PREC=Choice(*PRECISIONS),
+                 relations=[lambda c, cfg: None if set(c.LAYERS) <= set(cfg.TRAINER.MMRL.REP_LAYERS) else
+                            f"LAYERS {list(c.LAYERS)} must be among TRAINER.MMRL.REP_LAYERS "
+                            f"{list(cfg.TRAINER.MMRL.REP_LAYERS)}"])
 
 
 def _head(d_in, hidden, d_out, logvar_bias=None):
