@@ -24,6 +24,7 @@ WARMUP_TYPES = ("constant", "linear")
 SUBSAMPLE_CHOICES = ("all", "base", "new")
 IMB_PROFILES = ("exp", "step")
 LOSSES = ("ce", "la")
+FINAL_MODELS = ("last_step", "best_val")  # TEST.FINAL_MODEL, Dassl's meaning (engine/trainer.py)
 # Names of INPUT.TRANSFORMS understood by engine/data.py (the ones CoOp / CoCoOp / MaPLe configs use, plus a
 # few common Dassl ones).
 KNOWN_TRANSFORMS = ("random_resized_crop", "random_crop", "random_flip", "center_crop", "normalize",
@@ -37,6 +38,31 @@ BACKBONE_DEPTHS = {
     "ViT-B/32": (12, 12), "ViT-B/16": (12, 12), "ViT-L/14": (24, 12), "ViT-L/14@336px": (24, 12),
     "RN50": (None, 12), "RN101": (None, 12), "RN50x4": (None, 12), "RN50x16": (None, 12), "RN50x64": (None, 12),
     "tiny": (12, 12), "tiny-world": (12, 12), "ViT-B/16-random": (12, 12), "ViT-B/32-random": (12, 12),
+}
+
+# Dassl keys of the base config that no code here reads (other Dassl trainers, samplers, heads, evaluators).
+# Kept so that Dassl configs load; a value other than the default is refused, naming the key (issue 18 §4).
+INERT_KEYS = (
+    "VERSION", "VERBOSE",
+    "INPUT.CUTOUT_N", "INPUT.CUTOUT_LEN", "INPUT.GN_MEAN", "INPUT.GN_STD", "INPUT.RANDAUGMENT_N",
+    "INPUT.RANDAUGMENT_M",
+    "DATASET.SOURCE_DOMAINS", "DATASET.TARGET_DOMAINS", "DATASET.NUM_LABELED", "DATASET.VAL_PERCENT",
+    "DATASET.STL10_FOLD", "DATASET.CIFAR_C_TYPE", "DATASET.CIFAR_C_LEVEL", "DATASET.ALL_AS_UNLABELED",
+    "DATALOADER.K_TRANSFORMS", "DATALOADER.RETURN_IMG0", "DATALOADER.TRAIN_X.SAMPLER", "DATALOADER.TRAIN_X.N_DOMAIN",
+    "DATALOADER.TRAIN_X.N_INS", "DATALOADER.TRAIN_U.SAME_AS_X", "DATALOADER.TRAIN_U.SAMPLER",
+    "DATALOADER.TRAIN_U.BATCH_SIZE", "DATALOADER.TRAIN_U.N_DOMAIN", "DATALOADER.TRAIN_U.N_INS",
+    "DATALOADER.TEST.SAMPLER",
+    "MODEL.INIT_WEIGHTS", "MODEL.BACKBONE.PRETRAINED", "MODEL.HEAD.NAME", "MODEL.HEAD.HIDDEN_LAYERS",
+    "MODEL.HEAD.ACTIVATION", "MODEL.HEAD.BN", "MODEL.HEAD.DROPOUT",
+    "TRAIN.COUNT_ITER",
+    "TEST.EVALUATOR", "TEST.PER_CLASS_RESULT", "TEST.COMPUTE_CMAT", "TEST.NO_TEST", "TEST.SPLIT",
+)
+# INPUT parameters that only act through one of INPUT.TRANSFORMS: set to another value than the default while
+# that transform is not listed, they would change nothing, so they are refused.
+TRANSFORM_PARAMS = {
+    "COLORJITTER_B": "colorjitter", "COLORJITTER_C": "colorjitter", "COLORJITTER_S": "colorjitter",
+    "COLORJITTER_H": "colorjitter", "RGS_P": "randomgrayscale", "GB_P": "gaussian_blur", "GB_K": "gaussian_blur",
+    "CROP_PADDING": "random_crop", "RRCROP_SCALE": "random_resized_crop",
 }
 
 _CONFIG_EXTENSIONS = []
@@ -632,6 +658,34 @@ def build_cfg(args):
     return cfg
 
 
+def _same(a, b):
+    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    return norm(a) == norm(b)
+
+
+def check_inert(cfg):
+    """Refuse a value other than the default for the keys no code here reads (INERT_KEYS), for transform
+    parameters whose transform is not listed, and for RESUME pointing elsewhere than OUTPUT_DIR."""
+    defaults = _base_defaults()
+    for full_key in INERT_KEYS:
+        node, default = cfg, defaults
+        for part in full_key.split("."):
+            node, default = node[part], default[part]
+        if not _same(node, default):
+            raise ConfigError(f"{full_key} is a Dassl key that no method of this harness reads, so {node!r} would "
+                              f"change nothing; remove it (or set its default {default!r})")
+    inp = cfg.INPUT
+    if not inp.NO_TRANSFORM:
+        for key, transform in TRANSFORM_PARAMS.items():
+            if not _same(inp[key], defaults.INPUT[key]) and transform not in inp.TRANSFORMS:
+                raise ConfigError(f"INPUT.{key} {inp[key]!r} acts through the {transform} transform, which "
+                                  f"INPUT.TRANSFORMS {list(inp.TRANSFORMS)} does not list; add it or remove INPUT.{key}")
+    if cfg.RESUME and os.path.abspath(os.path.expanduser(cfg.RESUME)) != os.path.abspath(
+            os.path.expanduser(cfg.OUTPUT_DIR)):
+        raise ConfigError(f"RESUME / --resume {cfg.RESUME}: a run resumes from its own --output-dir "
+                          f"({cfg.OUTPUT_DIR}); pass --output-dir {cfg.RESUME} to continue that run")
+
+
 def validate_cfg(cfg):
     """Reject impossible settings with a message naming the key, the value and what is expected."""
 
@@ -694,6 +748,7 @@ def validate_cfg(cfg):
         if not 0 < d[key] < 1:
             raise ConfigError(f"DATASET.{key} must be strictly between 0 and 1, got {d[key]}")
     choice("TRAINER.LOSS", cfg.TRAINER.LOSS, LOSSES)
+    choice("TEST.FINAL_MODEL", cfg.TEST.FINAL_MODEL, FINAL_MODELS)
     if cfg.TRAINER.LA_TAU < 0:
         raise ConfigError(f"TRAINER.LA_TAU must be >= 0, got {cfg.TRAINER.LA_TAU}")
     if o.MAX_EPOCH < 1:
@@ -706,6 +761,15 @@ def validate_cfg(cfg):
     choice("OPTIM.LR_SCHEDULER", o.LR_SCHEDULER, LR_SCHEDULERS)
     choice("OPTIM.WARMUP_TYPE", o.WARMUP_TYPE, WARMUP_TYPES)
     check_declared(cfg)
+    check_inert(cfg)
+    if isinstance(inp.GB_K, bool) or not isinstance(inp.GB_K, int) or inp.GB_K < 1 or inp.GB_K % 2 == 0:
+        raise ConfigError(f"INPUT.GB_K (the gaussian_blur kernel size) must be an odd integer >= 1, got {inp.GB_K!r}")
+    for key in ("GB_P", "RGS_P"):
+        between(f"INPUT.{key}", inp[key], 0, 1, "a probability in [0, 1]")
+    for key in ("COLORJITTER_B", "COLORJITTER_C", "COLORJITTER_S"):
+        at_least(f"INPUT.{key}", inp[key], 0)
+    between("INPUT.COLORJITTER_H", inp.COLORJITTER_H, 0, 0.5, "in [0, 0.5]")
+    at_least("INPUT.CROP_PADDING", inp.CROP_PADDING, 0)
     if o.WARMUP_EPOCH >= o.MAX_EPOCH:
         raise ConfigError(
             f"OPTIM.WARMUP_EPOCH ({o.WARMUP_EPOCH}) covers every epoch (OPTIM.MAX_EPOCH {o.MAX_EPOCH}): the run would "
