@@ -142,7 +142,7 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of this harness (no 'state_dict'); delete it or "
                               f"point --model-dir at a run folder of train.py")
-    for key in ("optimizer", "scheduler", "extra", "rng", "history"):
+    for key in ("optimizer", "scheduler", "extra", "rng", "history", "scaler"):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             raise CheckpointError(f"{path} is not a checkpoint of this harness ('{key}' is a "
                                   f"{type(ckpt[key]).__name__}, not a mapping); {hint}")

@@ -252,6 +252,8 @@ class TrainerX:
                 "extra": self.extra_checkpoint_state(),
                 "history": self._history(),
             }
+            if self.scaler is not None:  # fp16 loss scale and its growth counter: a resume continues with them
+                ckpt["scaler"] = self.scaler.state_dict()
             folder = self.checkpoint_dir(name)
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{CKPT_PREFIX}{epoch}")
@@ -340,6 +342,8 @@ class TrainerX:
                 torch.set_rng_state(rng["torch"])
                 np.random.set_state(numpy_rng_state_from_plain(rng["numpy"]))
                 random.setstate(rng["python"])
+            if ckpt.get("scaler") and self.scaler is not None:
+                self.scaler.load_state_dict(ckpt["scaler"])
             self.load_extra_checkpoint_state(ckpt.get("extra") or {})
             history = ckpt.get("history") or {}
             self.epoch_losses = list(history.get("epoch_losses", []))
