@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.helpers_data import REAL_SPLIT
+from tests.helpers_data import REAL_SPLIT, require_shared
 from tests.helpers_run import REPO, TINY
 from tools import prepare_data as pd
 from tools.check_data import check
@@ -221,9 +221,8 @@ def test_sources_table_matches_dataset_layout_and_shared_facts():
         if cls.split_file:  # the CoOp split file is fetched to exactly where the loader looks for it
             assert any(s.action == "copy" and s.dest == f"{info.folder}/{cls.split_file}" for s in rows), name
     caltech = row("caltech101", "split_zhou_Caltech101.json")
+    require_shared(REAL_SPLIT, SHARED_SOURCES)
     assert caltech.sha256 == sha(REAL_SPLIT.read_bytes()) and caltech.size == REAL_SPLIT.stat().st_size
-    if not SHARED_SOURCES.is_file():
-        pytest.skip("shared dataset_sources.tsv not present")
     ours = {(s.dataset, s.file): s.url for s in sources}
     for line in SHARED_SOURCES.read_text().splitlines():
         if line.startswith("#") or line.startswith("dataset\t"):
@@ -445,6 +444,7 @@ def caltech_archive():
 
 
 def test_split_with_wrong_sha256_is_refused(server, tmp_path, monkeypatch):
+    require_shared(REAL_SPLIT)
     real = REAL_SPLIT.read_bytes()
     src = row("caltech101", "split_zhou_Caltech101.json")
     mirror = {row("caltech101", "101_ObjectCategories.tar.gz").url: server.serve("c1/a.tar.gz", caltech_archive()),

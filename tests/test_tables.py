@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers_data import require_shared
 from tools.tables import build_plan, collect, load_spec
 from tools.tables.plan import folder_tag, load_step_times, lock_held
 from tools.tables.render import latex, layout_keys, markdown, read_paper, to_csv
@@ -270,8 +271,7 @@ def test_paper_numbers_match_layout_and_paper_text(name):
     in_spec = {k: v for k, v in paper.items() if k[0] in spec.settings}
     assert set(in_spec) == keys                      # one number per cell of the paper's rows, no more, no less
     assert len(in_spec) == len(spec.block_keys()) * len(rows) * len(spec.groups()) * len(spec.metrics)
-    if not PAPER.is_file():
-        pytest.skip(f"the paper text {PAPER} is not next to the repository (only the layout was checked)")
+    require_shared(PAPER)
     text = PAPER.read_text().split("\n")
     by_line = {}
     with open(spec.paper) as f:
@@ -300,8 +300,7 @@ def test_vamp_mmlop_paper_numbers_match_layout_and_methods_md(name):
     assert len(paper) == NEW_PAPER_CELLS[name]
     assert set(paper) <= set(layout_keys(spec))       # every reported number has its cell in our layout
     assert {k[1] for k in paper} == {r.label for r in spec.rows}    # and every row has at least one
-    if not METHODS_MD.is_file():
-        pytest.skip(f"{METHODS_MD} is not next to the repository (only the layout was checked)")
+    require_shared(METHODS_MD)
     text = METHODS_MD.read_text().split("\n")
     info = yaml.safe_load((SPEC_DIR / "datasets.yaml").read_text())
     by_line = {}
