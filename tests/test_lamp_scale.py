@@ -170,3 +170,20 @@ def test_bench_reports_sequences_activation_bytes_and_an_estimate(tmp_path, caps
     assert "estimated peak for B=32, C=1000" in text
     seqs_part = 8 * 1000 * fig["activation_bytes_per_seq"]
     assert fig["estimated_peak_bytes"] > seqs_part  # plus the model, trainable state and per-image part
+
+
+def test_micro_batched_gradients_equal_the_whole_batch_with_unequal_parts(root, tmp_path):
+    """7 images, 2 per part (2 + 2 + 2 + 1): each part's loss must be weighted by its own share; compared on the
+    gradients themselves (Adam's normalised step would hide a wrong weighting)."""
+    grads = []
+    for opts in ([], ["TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD", "20"]):
+        torch.manual_seed(0)
+        t = build(root, tmp_path / str(len(opts)), *opts)
+        t.set_model_mode("train")
+        assert t.images_per_micro_batch(7) == (7 if not opts else 2)
+        t.forward_backward(batch(7))
+        grads.append({n: p.grad.clone() for n, p in t.lamp.named_parameters() if p.grad is not None})
+    whole, micro = grads
+    assert whole and set(whole) == set(micro)
+    for name, g in whole.items():
+        assert torch.allclose(g, micro[name], rtol=1e-4, atol=1e-7 * max(1.0, float(g.abs().max()))), name

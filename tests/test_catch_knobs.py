@@ -1,0 +1,104 @@
+"""Issue 18 §7: tests that fail when a knob is ignored, a key is misclassified or a cache serves a stale entry."""
+import io
+import tarfile
+
+import pytest
+import torch
+
+import train
+from engine.config import get_cfg_default
+from engine.run_identity import RUN_NEUTRAL_KEYS, config_diff, flatten_config
+from tests.helpers_run import train_args
+from tests.test_losses import hand_la_ce
+
+# Pinned: a key added to RUN_NEUTRAL_KEYS (a run folder then accepts another value for it) must be added here
+# on purpose, with the reason it cannot change a result.
+PINNED_RUN_NEUTRAL = {
+    "OUTPUT_DIR", "RESUME", "VERBOSE", "USE_CUDA", "DATASET.ROOT", "DATASET.CACHE_DIR", "DATALOADER.NUM_WORKERS",
+    "DATALOADER.TEST.BATCH_SIZE", "TRAIN.PRINT_FREQ", "TRAIN.CHECKPOINT_FREQ", "MODEL.TRUNCATE_TEXT",
+    "MODEL.TEXT_PREFIX_CACHE", "MODEL.SHARED_TEXT_PREFIX", "TRAINER.LAMP.TEXT_CHUNK",
+    "TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD", "TRAINER.COCOOP.MAX_TEXT_BATCH",
+}
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, (list, tuple)):
+        return list(value) + ["x"]
+    raise AssertionError(value)
+
+
+def test_run_neutral_keys_are_pinned():
+    assert set(RUN_NEUTRAL_KEYS) == PINNED_RUN_NEUTRAL
+
+
+@pytest.mark.parametrize("key", sorted(flatten_config(get_cfg_default())))
+def test_every_other_key_makes_a_different_run(key):
+    """config_diff (what refuses resuming or re-evaluating into a folder of another config) reports every key
+    outside the pinned run-neutral list, and none inside it."""
+    stored = flatten_config(get_cfg_default())
+    requested = dict(stored)
+    requested[key] = _changed(stored[key])
+    diff = config_diff(stored, requested)
+    if key in PINNED_RUN_NEUTRAL:
+        assert diff == []
+    else:
+        assert [d[0] for d in diff] == [key]
+
+
+def test_hard_links_in_archives_are_refused(tmp_path):
+    from tools import prepare_data as pd
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        data = b"x"
+        info = tarfile.TarInfo("d/a.txt")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("d/b.txt")
+        link.type, link.linkname = tarfile.LNKTYPE, "/etc/passwd"
+        tf.addfile(link)
+    path = tmp_path / "a.tar.gz"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(pd.PrepareError, match="'d/b.txt' is a link"):
+        pd.list_members(str(path))
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 2.0])
+def test_la_tau_reaches_the_trainers_loss(root, tmp_path, tau):
+    """TRAINER.LA_TAU is the tau of the loss the trainer computes (hand-computed), not a default."""
+    args = train_args(root, tmp_path / "run", "CoOp", "vit_b16_ep50_ctxv1.yaml", "TRAINER.LOSS", "la",
+                      "TRAINER.LA_TAU", str(tau))
+    t = train.build_trainer(train.build_cfg(train.parse_args(args)))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, t.num_classes, generator=g)
+    labels = torch.randint(0, t.num_classes, (6,), generator=g)
+    expected = hand_la_ce(logits.tolist(), labels.tolist(), t.dataset.train_counts, tau)
+    assert t.compute_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _prefix(enc, tokens, n_blocks, shared=False):
+    out = enc._text_prefix(tokens, n_blocks, shared)
+    return out.materialize() if hasattr(out, "materialize") else out
+
+
+@pytest.mark.parametrize("change", ["tokens", "n_blocks", "batch"])
+def test_the_text_prefix_cache_never_serves_another_entry(tiny, change):
+    """Each part of the cache key matters: a cached prefix equals a fresh computation for the new request."""
+    a = tiny.tokenize(["a photo of a red circle.", "a photo of a blue square."])
+    b = {"tokens": tiny.tokenize(["a photo of a green star.", "a photo of a pink ring."]), "n_blocks": a,
+         "batch": tiny.tokenize(["a photo of a red circle."])}[change]
+    blocks = 4 if change == "n_blocks" else 3
+    with torch.no_grad():
+        tiny.clear_text_cache()
+        _prefix(tiny, a, 3)
+        served = _prefix(tiny, b, blocks)
+        tiny.clear_text_cache()
+        fresh = _prefix(tiny, b, blocks)
+        tiny.clear_text_cache()
+    assert served.shape == fresh.shape and torch.equal(served, fresh)
