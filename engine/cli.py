@@ -24,11 +24,13 @@ EXPECTED_ERRORS = (UserError, OSError, ValueError)
 
 def require_at_least(args, **lows):
     """Raise a one-line ``UserError`` naming the option when a parsed argparse value is below its minimum:
-    ``require_at_least(args, eval_every=1, threads=1)`` checks ``--eval-every`` and ``--threads``."""
+    ``require_at_least(args, eval_every=1, threads=1)`` checks ``--eval-every`` and ``--threads``; a list value
+    (``nargs``) is checked item by item."""
     for name, low in lows.items():
         value = getattr(args, name)
-        if value is not None and value < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if item is not None and item < low:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {item}")
     return args
 
 

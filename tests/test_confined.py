@@ -178,3 +178,19 @@ def test_demo_refuses_odd_demo_extra_before_any_setup(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: DEMO_EXTRA must be KEY VALUE pairs, got an odd number of words: 'OPTIM.MAX_EPOCH'"], out.stderr
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("datasets.synthetic", ["--train-per-class", "-1"]), ("datasets.synthetic", ["--image-size", "0"]),
+    ("tools.tables", ["demo", "--jobs", "0"]), ("tools.tables", ["demo", "--seeds", "1", "-1", "--dry-run"]),
+    ("tools.world_claims", ["--seeds", "-2"]),
+])
+def test_other_counts_are_one_line(module, argv, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.delenv("LTPL_DEBUG", raising=False)
+    main = importlib.import_module(module if module != "tools.tables" else "tools.tables.__main__").main
+    extra = ["--root", str(tmp_path / "r")] if module == "datasets.synthetic" else [
+        "--output", str(tmp_path / "o"), "--data", str(tmp_path / "d")]
+    _one_line(capsys, call_cli(main, argv + extra), argv[-1] if argv[-1] != "--dry-run" else "-1")
+    assert not list(tmp_path.iterdir())
