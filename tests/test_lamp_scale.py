@@ -187,3 +187,23 @@ def test_micro_batched_gradients_equal_the_whole_batch_with_unequal_parts(root, 
     assert whole and set(whole) == set(micro)
     for name, g in whole.items():
         assert torch.allclose(g, micro[name], rtol=1e-4, atol=1e-7 * max(1.0, float(g.abs().max()))), name
+
+
+def test_selection_load_restarts_every_epoch(root, tmp_path):
+    """The running load (and its step count G) is per epoch: after one batch of a new epoch it is exactly that
+    batch's selection fractions, whatever the previous epoch selected."""
+    torch.manual_seed(0)
+    t = build(root, tmp_path)
+    t.set_model_mode("train")
+    t.epoch = 0
+    t.before_epoch()
+    for seed in (1, 2):
+        t.forward_backward(batch(4, seed=seed))
+    assert int(t.lamp.epoch_steps) == 2
+    t.epoch = 1
+    t.before_epoch()
+    t.forward_backward(batch(4, seed=3))
+    assert int(t.lamp.epoch_steps) == 1
+    for l, idx in t.lamp.indices.items():
+        frac = torch.nn.functional.one_hot(idx, t.lamp.cfg.POOL_SIZE).sum(1).float().mean(0)
+        assert torch.allclose(t.lamp.layer(l).load, frac), l

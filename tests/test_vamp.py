@@ -244,3 +244,23 @@ def test_bad_settings_give_clear_errors(root, tmp_path, opts, message):
     from engine.config import ConfigError
     with pytest.raises(ConfigError, match=message):
         build(root, tmp_path, *opts)
+
+
+def test_test_time_sampling_follows_the_run_seed_as_well(root, tmp_path):
+    """Both sources of test-time randomness matter: TEST_SEED (above) and the run's SEED."""
+    torch.manual_seed(0)
+    trainer = build(root, tmp_path, "TRAINER.VAMP.N_SAMPLES", "4")
+    perturb(trainer, std=0.5)
+    trainer.prototypes = None
+    images = torch.randn(3, 3, 32, 32)
+
+    def infer():
+        trainer.before_test()
+        with torch.no_grad():
+            return trainer.model_inference(images)
+
+    first = infer()
+    assert torch.equal(infer(), first)
+    trainer.cfg.defrost()
+    trainer.cfg.SEED = trainer.cfg.SEED + 1
+    assert not torch.allclose(infer(), first)
