@@ -131,3 +131,11 @@ def test_declaring_a_section_must_cover_every_key():
     with pytest.raises(RuntimeError, match="undeclared keys \\['B'\\]"):
         config_module.declare_keys(cfg, "TRAINER.TMP_FOR_TEST", A=config_module.Int(0))
     assert "TRAINER.TMP_FOR_TEST" not in declared_sections()
+
+
+def test_lfa_iterations_per_dataset_are_checked():
+    cfg = get_cfg_default()
+    name = next(iter(cfg.TRAINER.LFA.ITERS_PER_DATASET))
+    merge_from_list(cfg, [f"TRAINER.LFA.ITERS_PER_DATASET.{name}", "0"])
+    with pytest.raises(ConfigError, match=f"TRAINER.LFA.ITERS_PER_DATASET.{name} must be an integer >= 1"):
+        validate_cfg(cfg)

@@ -207,3 +207,21 @@ def test_selection_load_restarts_every_epoch(root, tmp_path):
     for l, idx in t.lamp.indices.items():
         frac = torch.nn.functional.one_hot(idx, t.lamp.cfg.POOL_SIZE).sum(1).float().mean(0)
         assert torch.allclose(t.lamp.layer(l).load, frac), l
+
+
+def test_new_bias_adaptation_starts_from_the_trained_bias(root, tmp_path, monkeypatch):
+    """b_new starts as a copy of the training bias b (not from zero, not from a previous adaptation), moves
+    only by its own updates, and leaves b untouched."""
+    torch.manual_seed(0)
+    t = build(root, tmp_path, subsample="new")
+    with torch.no_grad():
+        for i, layer in enumerate(t.lamp.layers.values()):
+            layer.bias.copy_(torch.linspace(-1, 1, layer.bias.numel()) * (i + 1))
+            layer.bias_new.fill_(7.0)  # stale value of an earlier adaptation
+    trained = {l: layer.bias.clone() for l, layer in t.lamp.layers.items()}
+    updates = []
+    monkeypatch.setattr(t.lamp, "lbo_update", lambda gamma, use_new_bias=False: updates.append(use_new_bias))
+    t.adapt_new_bias()
+    assert updates and all(updates)  # every update of the pass went to b_new
+    for l, layer in t.lamp.layers.items():
+        assert torch.equal(layer.bias_new, trained[l]) and torch.equal(layer.bias, trained[l]), l

@@ -60,7 +60,7 @@ def add_lamp_config(cfg):
     c.PREC = "amp"
     declare_keys(
         cfg, "TRAINER.LAMP", LAYERS=Blocks("both"), POOL_SIZE=Int(1), TOP_K=Int(1), POOL_TOKENS=Int(1),
-        SHARED_TOKENS=Int(1), PROMPT_DIM=Int(1), PROJ_HIDDEN=Int(1), INIT_STD=Float(0, open_low=True), BETA=Float(0),
+        SHARED_TOKENS=Int(1), PROMPT_DIM=Int(1), PROJ_HIDDEN=Int(1), INIT_STD=Float(0), BETA=Float(0),
         USE_POOL=Bool(), USE_MSP=Bool(), USE_LBO=Bool(), LBO_SIGN=Choice("corrected", "literal"), GAMMA0=Float(0),
         GAMMA_SCHEDULE=Choice("cosine", "constant"), QUERY_SOURCE=Choice("layer_cls", "frozen_cls"),
         KEY_TYPE=Choice("projected", "learned"), TEXT_SELECTION=Choice("paired", "eot_classwise"),

@@ -100,7 +100,10 @@ def add_lfa_config(cfg):
                  KNN=Int(1), MARGIN_SCALE=Float(0, open_low=True), TEMPERATURE=Float(0, open_low=True),
                  NOISE_STD=Float(0), NOISE_P=Float(0, 1), DROPOUT=Float(0, 1, open_high=True), DROPOUT_P=Float(0, 1),
                  FIVE_CROP=Bool(), FIVE_CROP_RESIZE=Float(1), EMA_MOMENTUM=Float(0, 1),
-                 NEW_TEST_MAP=Choice(*NEW_TEST_MAPS), PREC=Choice(*PRECISIONS))
+                 NEW_TEST_MAP=Choice(*NEW_TEST_MAPS), PREC=Choice(*PRECISIONS),
+                 relations=[lambda c, cfg: next((f"ITERS_PER_DATASET.{k} must be an integer >= 1, got {v!r}"
+                                                 for k, v in c.ITERS_PER_DATASET.items()
+                                                 if isinstance(v, bool) or not isinstance(v, int) or v < 1), None)])
 
 
 def beta_procrustes(x, y, beta):

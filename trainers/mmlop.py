@@ -76,8 +76,8 @@ def add_mmlop_config(cfg):
     c.DRIFT_CORRECTION = "train_test"  # train_test | test (test only) | off
     c.PREC = "fp16"
     declare_keys(cfg, "TRAINER.MMLOP", N_CTX=Int(1), RANK=Int(1), PROMPT_DEPTH=Block("both"), LOW_RANK=Bool(),
-                 SHARED_U=Bool(), U_PER_LAYER=Bool(), U_INIT_STD=Float(0, open_low=True),
-                 V_INIT_STD=Float(0, open_low=True), CTX_INIT=Str(), ANCHORS=Bool(), TEXT_LOSS_WEIGHT=Float(0),
+                 SHARED_U=Bool(), U_PER_LAYER=Bool(), U_INIT_STD=Float(0),
+                 V_INIT_STD=Float(0), CTX_INIT=Str(), ANCHORS=Bool(), TEXT_LOSS_WEIGHT=Float(0),
                  IMAGE_LOSS_WEIGHT=Float(0), LOGIT_LOSS_WEIGHT=Float(0), DRIFT_CORRECTION=Choice(*DRIFT_MODES),
                  PREC=Choice(*PRECISIONS),
                  relations=[lambda c, cfg: None if not (c.LOW_RANK and c.CTX_INIT) else
