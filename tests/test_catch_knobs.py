@@ -102,3 +102,40 @@ def test_the_text_prefix_cache_never_serves_another_entry(tiny, change):
         fresh = _prefix(tiny, b, blocks)
         tiny.clear_text_cache()
     assert served.shape == fresh.shape and torch.equal(served, fresh)
+
+
+def test_results_json_metrics_match_an_independent_recomputation(root, tmp_path):
+    """A trained CoOp run's results.json against metrics recomputed here from the saved model: predictions from
+    model_inference over the test images, then accuracy, per-class recall, head / tail accuracy by hand and
+    macro-F1 by sklearn (not through engine.metrics)."""
+    import json
+
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from tests.helpers_run import run_train
+
+    opts = ("OPTIM.MAX_EPOCH", "2", "OPTIM.WARMUP_EPOCH", "0", "OPTIM.LR", "0.05")
+    res = run_train(root, tmp_path / "run", "CoOp", "vit_b16_ep50_ctxv1.yaml", *opts)["results"]["test"]
+    args = train_args(root, tmp_path / "again", "CoOp", "vit_b16_ep50_ctxv1.yaml", *opts)
+    t = train.build_trainer(train.build_cfg(train.parse_args(args)))
+    t.load_model(str(tmp_path / "run"))
+    t.set_model_mode("eval")
+    t.before_test()
+    y_true, y_pred = [], []
+    with torch.no_grad():
+        for b in t.dm.test_loader:
+            y_pred += t.model_inference(b["img"]).argmax(1).tolist()
+            y_true += b["label"].tolist()
+    y_true, y_pred = np.array(y_true), np.array(y_pred)
+    head = set(json.loads((tmp_path / "run" / "manifest.json").read_text())["head_labels"])
+    in_head = np.array([y in head for y in y_true])
+    recalls = [(y_pred[y_true == c] == c).mean() for c in sorted(set(y_true))]
+    assert res["num_samples"] == len(y_true)
+    assert res["accuracy"] == pytest.approx(100 * (y_true == y_pred).mean())
+    assert res["mean_class_acc"] == pytest.approx(100 * np.mean(recalls))
+    assert res["macro_f1"] == pytest.approx(100 * f1_score(y_true, y_pred, average="macro", labels=sorted(set(y_true)),
+                                                            zero_division=0))
+    assert res["head_acc"] == pytest.approx(100 * (y_true == y_pred)[in_head].mean())
+    assert res["tail_acc"] == pytest.approx(100 * (y_true == y_pred)[~in_head].mean())
+    assert 0 < res["accuracy"] < 100  # not a degenerate case where every formula agrees

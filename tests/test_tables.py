@@ -588,3 +588,34 @@ def test_unit_busy_elsewhere_is_submitted_again_once_free(tmp_path, monkeypatch)
     assert len(report["jobs"]) == 1 and [o["status"] for o in report["outcomes"]] == ["failed"]
     assert any(l.startswith("[failed] ") and "table_error.log" in l for l in lines)
     assert (Path(unit.steps[0].folder) / "table_error.log").is_file()
+
+
+def test_average_and_dry_run_totals_with_a_dataset_missing_or_a_unit_finished(tmp_path):
+    """The Average column is absent while a dataset has no result, uses the fewest seeds any dataset has, and
+    the dry-run's training steps left drop a unit as soon as its training run is done (eval still missing)."""
+    from tools.tables.results import AVERAGE
+
+    spec = _tiny_spec()
+    plan = build_plan(spec, tmp_path)
+    units = [u for u in plan.units if u.row.label == "CoOp" and u.setting == 10]
+    caltech = [u for u in units if u.steps[0].dataset == "caltech101"]
+    dtd = [u for u in units if u.steps[0].dataset == "dtd"]
+    for u in caltech:  # both seeds
+        _write_result(u.steps[0].folder, "base", 60 + u.seed, 50, u.seed)
+        _write_result(u.steps[1].folder, "new", 40 + u.seed, 30, u.seed)
+    cells = collect(plan)
+    assert cells[(10, "CoOp", "caltech101", "base_acc")].mean == pytest.approx(61.5)
+    assert cells[(10, "CoOp", AVERAGE, "base_acc")].mean is None          # DTD missing: no average
+    first = next(u for u in dtd if u.seed == 1)
+    _write_result(first.steps[0].folder, "base", 80, 70, 1)
+    _write_result(first.steps[1].folder, "new", 20, 10, 1)
+    cells = collect(plan)
+    avg = cells[(10, "CoOp", AVERAGE, "base_acc")]
+    assert avg.mean == pytest.approx((61.5 + 80) / 2) and avg.n == 1       # the mean of the dataset means
+    totals = plan.totals()
+    done_steps = sum(u.train_steps for u in caltech + [first])
+    assert totals["training_steps_left"] == totals["training_steps"] - done_steps
+    second = next(u for u in dtd if u.seed == 2)
+    _write_result(second.steps[0].folder, "base", 70, 60, 2)               # trained, not evaluated yet
+    assert second.state() == "partial"
+    assert plan.totals()["training_steps_left"] == totals["training_steps_left"] - second.train_steps

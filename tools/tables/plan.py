@@ -197,7 +197,9 @@ class Plan:
                "by_state": {s: sum(1 for v in states.values() if v == s)
                             for s in ("done", "running", "partial", "missing")},
                "runs_by_state": {s: run_states.count(s) for s in ("done", "running", "partial", "missing")}}
-        out["training_steps_left"] = sum(u.train_steps or 0 for u in self.units if states[u.key] != "done")
+        # a unit whose training run finished (its evaluation may still be missing) has no training left
+        out["training_steps_left"] = sum(u.train_steps or 0 for u in self.units
+                                         if states[u.key] != "done" and u.steps[0].state() != "done")
         if step_times is not None:
             hours, missing = 0.0, set()
             for u in self.units:
