@@ -225,3 +225,29 @@ def test_new_bias_adaptation_starts_from_the_trained_bias(root, tmp_path, monkey
     assert updates and all(updates)  # every update of the pass went to b_new
     for l, layer in t.lamp.layers.items():
         assert torch.equal(layer.bias_new, trained[l]) and torch.equal(layer.bias, trained[l]), l
+
+
+def test_retrieval_under_bf16_autocast_keeps_the_fp32_order_on_near_tied_scores(root, tmp_path):
+    """Keys whose cosine scores differ by ~1e-4 (far below bf16's resolution near 1): the top-K chosen under
+    bf16 autocast is the fp32 one, and differs from what bf16 scores would choose."""
+    torch.manual_seed(0)
+    t = build(root, tmp_path)
+    lamp = t.lamp
+    l = lamp.layer_ids[0]
+    d = 64
+    query = torch.zeros(1, d)
+    query[0, 0] = 1.0
+    m = lamp.cfg.POOL_SIZE
+    keys = torch.zeros(m, d)
+    keys[:, 0] = 1.0
+    keys[:, 1] = torch.linspace(0.0, 0.03, m).flip(0)  # cos = 1 / sqrt(1 + s^2): strictly decreasing in s
+    with torch.no_grad():
+        lamp.layer(l).bias.zero_()
+        expected, _ = lamp.retrieve(lamp.layer(l), query, keys)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, _ = lamp.retrieve(lamp.layer(l), query.bfloat16(), keys.bfloat16())
+        sim_bf16 = (torch.nn.functional.normalize(query, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).t()
+                    ).bfloat16()
+    assert torch.equal(got, expected)
+    assert expected[0].tolist() == list(range(m - 1, m - 1 - lamp.k, -1))  # the smallest s first
+    assert len(set(sim_bf16[0].tolist())) < m  # bf16 itself would tie (so the test is about near ties)
