@@ -802,6 +802,8 @@ def main(argv=None):
     if args.list:
         list_datasets(prep, names or known, sys.stdout)
         return 0
+    if not names:  # --weights only: nothing is written under the root
+        return _prepare_all(prep, names, args.weights)
     with root_lock(prep.root):
         return _prepare_all(prep, names, args.weights)
 
