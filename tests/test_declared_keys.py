@@ -139,3 +139,31 @@ def test_lfa_iterations_per_dataset_are_checked():
     merge_from_list(cfg, [f"TRAINER.LFA.ITERS_PER_DATASET.{name}", "0"])
     with pytest.raises(ConfigError, match=f"TRAINER.LFA.ITERS_PER_DATASET.{name} must be an integer >= 1"):
         validate_cfg(cfg)
+
+
+def _code_without_declarations():
+    import re
+
+    texts = []
+    for path in list((REPO / "trainers").glob("*.py")) + list((REPO / "engine").glob("*.py")) + [REPO / "train.py"]:
+        if path.name == "config.py":
+            continue
+        text = path.read_text()
+        text = re.sub(r"declare_keys\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)", "", text)  # the declarations
+        text = re.sub(r"^\s*(c|cfg\.TRAINER\.[A-Z]+)\.[A-Z_0-9]+ = .*$", "", text, flags=re.M)  # the defaults
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def test_every_declared_key_is_read_somewhere():
+    """A declared key that nothing reads would be an inert knob: each one is used outside its declaration and
+    its default (attribute, item or name access)."""
+    import re
+
+    code = _code_without_declarations()
+    unread = []
+    for section, (rules, _, _) in declared_sections().items():
+        for key in rules:
+            if not re.search(rf"(\.{key}\b|\[\"{key}\"\]|\"{key}\"|'{key}')", code):
+                unread.append(f"{section}.{key}")
+    assert not unread, unread
