@@ -332,11 +332,16 @@ class TrainerX:
             if path is None:
                 return 0
             ckpt = load_checkpoint(path, map_location=self.device)
-            model.load_state_dict(ckpt["state_dict"])
-            if ckpt["optimizer"] is not None and self._optims[name] is not None:
-                self._optims[name].load_state_dict(ckpt["optimizer"])
-            if ckpt["scheduler"] is not None and self._scheds[name] is not None:
-                self._scheds[name].load_state_dict(ckpt["scheduler"])
+            try:
+                model.load_state_dict(ckpt["state_dict"])
+                if ckpt.get("optimizer") is not None and self._optims[name] is not None:
+                    self._optims[name].load_state_dict(ckpt["optimizer"])
+                if ckpt.get("scheduler") is not None and self._scheds[name] is not None:
+                    self._scheds[name].load_state_dict(ckpt["scheduler"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as err:
+                raise RunError(f"cannot resume from {path}: it does not fit this run's {name} "
+                               f"({' '.join(str(err).split())[:200]}); delete it to resume from the previous "
+                               f"epoch (or from scratch)") from err
             rng = ckpt.get("rng")
             if rng:
                 torch.set_rng_state(rng["torch"])

@@ -206,3 +206,18 @@ def test_yaml_readers_use_the_safe_loader():
         for bad in ("yaml.load(", "yaml.unsafe_load", "yaml.full_load", "yaml.Loader", "yaml.UnsafeLoader",
                     "yaml.FullLoader", "weights_only=False", "pickle.load"):
             assert bad not in text, (path, bad)
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(root, tmp_path, capsys, monkeypatch):
+    """A checkpoint in the run folder whose tensors do not fit the model (tampered, or another run's)."""
+    monkeypatch.delenv("LTPL_DEBUG", raising=False)
+    opts = ("OPTIM.MAX_EPOCH", "2", "OPTIM.WARMUP_EPOCH", "0")
+    from tests.helpers_run import run_interrupted
+    from engine.trainer import TrainerX
+
+    run_interrupted(monkeypatch, TrainerX, 1, root, tmp_path / "run", *COOP, *opts)
+    path = tmp_path / "run" / "prompt_learner" / "model.pth.tar-0"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"] = {k: torch.zeros(3) for k in ckpt["state_dict"]}
+    torch.save(ckpt, path)
+    _one_line(capsys, call_cli(train.run, train_args(root, tmp_path / "run", *COOP, *opts)), path, "cannot resume")
