@@ -1,5 +1,6 @@
 """Issue 18 §7: tests that fail when a knob is ignored, a key is misclassified or a cache serves a stale entry."""
 import io
+import math
 import tarfile
 
 import pytest
@@ -139,3 +140,51 @@ def test_results_json_metrics_match_an_independent_recomputation(root, tmp_path)
     assert res["head_acc"] == pytest.approx(100 * (y_true == y_pred)[in_head].mean())
     assert res["tail_acc"] == pytest.approx(100 * (y_true == y_pred)[~in_head].mean())
     assert 0 < res["accuracy"] < 100  # not a degenerate case where every formula agrees
+
+
+# ---- switches that no other test turned (each test fails when its switch is ignored)
+
+def _build(root, out, trainer, config, *opts, subsample="base"):
+    args = train_args(root, out, trainer, config, *opts, subsample=subsample)
+    return train.build_trainer(train.build_cfg(train.parse_args(args)))
+
+
+def test_lfa_new_test_map_chooses_the_map_on_new_classes(root, tmp_path):
+    config = "vit_b16_b2n_beta0.9.yaml"
+    ema = _build(root, tmp_path / "a", "LFA", config, subsample="new")
+    refined = _build(root, tmp_path / "b", "LFA", config, "TRAINER.LFA.NEW_TEST_MAP", "refined", subsample="new")
+    assert ema.eval_map() is ema.map.weight_ema and refined.eval_map() is refined.map.weight
+    base = _build(root, tmp_path / "c", "LFA", config)  # base classes: always the refined map
+    assert base.eval_map() is base.map.weight
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lamp_gamma_schedule(root, tmp_path, schedule):
+    t = _build(root, tmp_path, "LAMP", "vit_b16_lt_b2n.yaml", "TRAINER.LAMP.GAMMA0", "0.004",
+               "TRAINER.LAMP.GAMMA_SCHEDULE", schedule)
+    t.lamp.global_step.fill_(25)
+    expected = {"cosine": 0.004 * 0.5 * (1 + math.cos(math.pi * 25 / 100)), "constant": 0.004}[schedule]
+    assert t.lamp.gamma(100) == pytest.approx(expected)
+
+
+def test_candle_virtual_prototype_init(root, tmp_path):
+    config = "vit_b16_bs128_lr0.0003_ep50.yaml"
+    text = _build(root, tmp_path / "t", "Candle", config)
+    text.before_train(resumed=False)
+    assert torch.equal(text.head.virtual_prototypes.detach(), text.head.text_features[10:])
+    torch.manual_seed(0)
+    visual = _build(root, tmp_path / "v", "Candle", config, "TRAINER.CANDLE.VIR_INIT", "visual",
+                    "TRAINER.CANDLE.VIR_INIT_STD", "0.0")
+    visual.before_train(resumed=False)
+    mean_base = visual.head.visual_prototypes.mean(dim=0)
+    virtual = visual.head.virtual_prototypes.detach()
+    assert virtual.shape[0] == 10 and torch.allclose(virtual, mean_base.expand_as(virtual), atol=1e-6)
+
+
+def test_candle_use_new_names_adds_the_new_classes_to_training(root, tmp_path):
+    config = "vit_b16_bs128_lr0.0003_ep50.yaml"
+    on = _build(root, tmp_path / "on", "Candle", config)
+    off = _build(root, tmp_path / "off", "Candle", config, "TRAINER.CANDLE.USE_NEW_NAMES", "False")
+    assert on.trained_names == list(on.dataset.all_classnames) and len(on.class_counts) == 20
+    assert off.trained_names == list(off.classnames) and len(off.class_counts) == 10
+    assert off.head.virtual_prototypes.numel() == 0
