@@ -300,6 +300,9 @@ class TrainerX:
                 path = os.path.join(folder, BEST_CKPT)
             else:
                 path = self.latest_checkpoint(folder) if os.path.isdir(folder) else None
+            if path and os.path.basename(path) == BEST_CKPT and not os.path.isfile(path) and os.path.isdir(folder):
+                raise RunError(f"TEST.FINAL_MODEL best_val deploys {path}, which is not there (was {model_dir} "
+                               f"trained with best_val?); pass --load-epoch N or TEST.FINAL_MODEL last_step")
             if not path or not os.path.isfile(path):
                 raise RunError(f"no checkpoint for '{name}' at {path or folder}: train first "
                                f"(--eval-only never trains) or pass the right --model-dir / --load-epoch")

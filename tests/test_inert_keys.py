@@ -222,3 +222,12 @@ def test_best_val_survives_an_interruption(root, tmp_path, monkeypatch):
     run_interrupted(monkeypatch, CoOp, 2, root, tmp_path / "cut", *COOP, *opts)
     cut = run_train(root, tmp_path / "cut", *COOP, *opts)
     assert cut["final_model"] == full["final_model"] and cut["results"] == full["results"]
+
+
+def test_eval_only_best_val_on_a_last_step_run_is_one_line(root, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LTPL_DEBUG", raising=False)
+    run_train(root, tmp_path / "last", *COOP, *SHORT[:2], "OPTIM.WARMUP_EPOCH", "0")
+    args = train_args(root, tmp_path / "ev", *COOP, "TEST.FINAL_MODEL", "best_val")
+    assert call_cli(train.run, ["--eval-only", "--model-dir", str(tmp_path / "last")] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model-best.pth.tar" in err[0] and "--load-epoch" in err[0], err
