@@ -264,3 +264,24 @@ def test_test_time_sampling_follows_the_run_seed_as_well(root, tmp_path):
     trainer.cfg.defrost()
     trainer.cfg.SEED = trainer.cfg.SEED + 1
     assert not torch.allclose(infer(), first)
+
+
+def test_run_seed_and_test_seed_pairs_never_share_samples(root, tmp_path):
+    """(run 1, test 1) and (run 2, test 0) draw different test samples; test seed 0 keeps the run seed's."""
+    torch.manual_seed(0)
+    trainer = build(root, tmp_path, "TRAINER.VAMP.N_SAMPLES", "4")
+    perturb(trainer, std=0.5)
+    trainer.prototypes = None
+    images = torch.randn(3, 3, 32, 32)
+    trainer.cfg.defrost()
+    trainer.vc.defrost()
+
+    def infer(seed, test_seed):
+        trainer.cfg.SEED, trainer.vc.TEST_SEED = seed, test_seed
+        trainer.before_test()
+        assert trainer.test_generator.initial_seed() == seed + test_seed * 1_000_003
+        with torch.no_grad():
+            return trainer.model_inference(images)
+
+    assert not torch.allclose(infer(1, 1), infer(2, 0))
+    assert torch.equal(infer(2, 0), infer(2, 0))

@@ -38,6 +38,7 @@ from trainers.mmrl import MMRL, scaled_cos
 
 PRIORS = ("class_aware", "prototype", "standard")
 TEST_MODES = ("probs", "logits", "mean")
+TEST_SEED_STRIDE = 1_000_003  # a prime above any run seed in use
 
 
 @register_config
@@ -52,7 +53,7 @@ def add_vamp_config(cfg):
     c.KL_WEIGHT = 1.0          # beta (the ELBO as written: 1)
     c.N_SAMPLES = 10           # S posterior samples per test image
     c.TEST_MODE = "probs"      # probs: mean softmax over S | logits: mean logits | mean: z = mu (S unused)
-    c.TEST_SEED = 0            # test-time sampling seed (added to the run seed)
+    c.TEST_SEED = 0            # test-time sampling seed: the generator starts at SEED + TEST_SEED * TEST_SEED_STRIDE
     c.PROTOTYPE_BATCH = 64
     c.MAX_TEXT_BATCH = 20000   # max text sequences (images x samples x classes) per text-encoder call
     c.PREC = "amp"
@@ -232,7 +233,9 @@ class VaMP(MMRL):
         self.log(f"VaMP inference: branch {self.active_branch()}, {self.vc.TEST_MODE} over "
                  f"{self.test_samples()} sample(s)")
         self.test_generator = torch.Generator(device=self.device)
-        self.test_generator.manual_seed(max(self.cfg.SEED, 0) + self.vc.TEST_SEED)
+        # TEST_SEED 0 keeps the run seed itself; the stride keeps (run seed, test seed) pairs apart (a plain sum
+        # would give run 1 / test 1 the samples of run 2 / test 0)
+        self.test_generator.manual_seed(max(self.cfg.SEED, 0) + self.vc.TEST_SEED * TEST_SEED_STRIDE)
         self.rep.set_vision_tokens()
 
     def test_samples(self):
