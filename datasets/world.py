@@ -46,8 +46,11 @@ TEXTURE_TEMPLATES = ("a photo of a {} texture.", "a {} texture.", "a {} pattern.
 # ------------------------------------------------------------------------------------------------
 # attribute tuples and captions
 
-def sample_specs(rng, n, texture_fraction=0.25):
-    """``n`` random attribute dicts from the whole world."""
+def sample_specs(rng, n, texture_fraction=0.25, plain_fraction=0.25, clutter_fraction=0.5):
+    """``n`` random attribute dicts from the whole world: a texture with probability ``texture_fraction``,
+    else an object, plain with probability ``plain_fraction`` (else striped, dotted or checkered, equally
+    likely), on a cluttered background with probability ``clutter_fraction``. The defaults draw every
+    attribute uniformly."""
     specs = []
     colours = list(COLOURS)
     for _ in range(n):
@@ -55,10 +58,27 @@ def sample_specs(rng, n, texture_fraction=0.25):
             specs.append({"kind": "texture", "colour": colours[rng.integers(8)],
                           "pattern": PATTERNS[1 + rng.integers(3)]})
         else:
+            pattern = PATTERNS[0] if rng.random() < plain_fraction else PATTERNS[1 + rng.integers(3)]
             specs.append({"kind": "object", "colour": colours[rng.integers(8)], "shape": SHAPES[rng.integers(6)],
-                          "size": SIZES[rng.integers(2)], "pattern": PATTERNS[rng.integers(4)],
-                          "background": BACKGROUNDS[rng.integers(2)]})
+                          "size": SIZES[rng.integers(2)], "pattern": pattern,
+                          "background": BACKGROUNDS[int(rng.random() < clutter_fraction)]})
     return specs
+
+
+def sample_contrast_groups(rng, n, **mix):
+    """Random attribute dicts from the whole world, ``n`` in all, drawn as contrast groups: one draw of every
+    attribute, then the object in all six shapes (a texture in all three patterns), so that the members of
+    a group differ only in what a caption has to tell apart hardest (``mix``: as in ``sample_specs``). Returns (specs, groups), ``groups`` a
+    list of index lists into ``specs``."""
+    specs, groups = [], []
+    while len(specs) < n:
+        base = sample_specs(rng, 1, **mix)[0]
+        variants = ([dict(base, pattern=p) for p in PATTERNS[1:]] if base["kind"] == "texture"
+                    else [dict(base, shape=s) for s in SHAPES])
+        variants = variants[:n - len(specs)]
+        groups.append(list(range(len(specs), len(specs) + len(variants))))
+        specs += variants
+    return specs, groups
 
 
 def caption(spec, rng):

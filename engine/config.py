@@ -626,6 +626,12 @@ def build_cfg(args):
         return getattr(args, name, None)
 
     trainer = arg("trainer") or None
+    if trainer:  # an official code's trainer name (e.g. MultiModalAdapter) is read as ours (MMA)
+        from engine.registry import TRAINER_REGISTRY
+        ours = TRAINER_REGISTRY.canonical(trainer)
+        if ours != trainer:
+            print(f"note: trainer {trainer} is read as {ours}", file=sys.stderr)
+            trainer = ours
     if arg("dataset_config_file"):
         merge_from_file(cfg, arg("dataset_config_file"), trainer)
     if arg("config_file"):
@@ -639,8 +645,8 @@ def build_cfg(args):
         cfg.RESUME = arg("resume")
     if arg("seed") is not None and arg("seed") >= 0:
         cfg.SEED = int(arg("seed"))
-    if arg("trainer"):
-        cfg.TRAINER.NAME = arg("trainer")
+    if trainer:
+        cfg.TRAINER.NAME = trainer
     if arg("backbone"):
         cfg.MODEL.BACKBONE.NAME = arg("backbone")
     if arg("head"):

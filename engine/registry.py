@@ -11,6 +11,15 @@ class Registry:
     def __init__(self, kind):
         self.kind = kind
         self._items = {}
+        self._aliases = {}   # another code's name -> ours (e.g. MMA's official trainer name)
+
+    def alias(self, other, name):
+        """Accept ``other`` (an official code's name) for the registered ``name``."""
+        self._aliases[other] = name
+
+    def canonical(self, name):
+        """Our name for ``name`` (itself unless it is an alias)."""
+        return self._aliases.get(name, name)
 
     def register(self, name=None):
         def deco(obj):
@@ -23,6 +32,7 @@ class Registry:
         return deco
 
     def get(self, name):
+        name = self.canonical(name)
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
             raise RegistryError(f"unknown {self.kind} '{name}'; registered: {known}")
@@ -32,7 +42,7 @@ class Registry:
         return sorted(self._items)
 
     def __contains__(self, name):
-        return name in self._items
+        return self.canonical(name) in self._items
 
 
 TRAINER_REGISTRY = Registry("trainer")

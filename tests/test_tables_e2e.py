@@ -29,7 +29,7 @@ def _spec(root2):
         "settings": [10],
         "seeds": SEEDS,
         "datasets": ["synthetic_shapes", {"name": "synthetic_b", "config": "synthetic_shapes",
-                                          "opts": ["DATASET.ROOT", str(root2)]}],
+                                          "opts": ["DATASET.ROOT", root2]}],     # inside --data
         "opts": TINY + ["OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0"],   # one epoch, no warm-up epoch
         "methods": [
             {"label": "ZS-CLIP", "trainer": "ZeroshotCLIP", "config": "vit_b16"},
@@ -38,17 +38,21 @@ def _spec(root2):
         ],
         "layout": {"metrics": ["hm_acc", "hm_f1", "base_acc", "new_acc"], "average": "last"},
         "plot": {"kind": "bars"},
+        "notes": ["A synthetic check: 100% tiny_CLIP & one epoch, β = 2, #1 (the caption escapes these)."],
     }
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, root):
     base = tmp_path_factory.mktemp("tables_e2e")
-    root2 = base / "data_b"
-    generate_synthetic_shapes(str(root2), seed=7, train_per_class=30, test_per_class=15)
+    data = base / "data"             # --data: the session's dataset (linked) and a second one in data/b
+    data.mkdir()
+    for entry in Path(root).iterdir():
+        (data / entry.name).symlink_to(entry)
+    generate_synthetic_shapes(str(data / "b"), seed=7, train_per_class=30, test_per_class=15)
     spec_path = base / "synth.yaml"
-    spec_path.write_text(yaml.safe_dump(_spec(root2)))
-    return {"base": base, "root": Path(root), "spec": spec_path}
+    spec_path.write_text(yaml.safe_dump(_spec("b")))
+    return {"base": base, "root": data, "spec": spec_path}
 
 
 def _cli(world, out, *extra):
@@ -146,6 +150,19 @@ def test_table_end_to_end_matches_results_json(uninterrupted):
         png = out / f"tables/synth/{stem}.png"
         assert Image.open(png).size == (1000, 400)
         assert (out / f"tables/synth/{stem}.pdf").stat().st_size > 1000
+
+
+def test_every_rendered_tex_compiles_with_pdflatex(uninterrupted, tmp_path):
+    """Every .tex the end-to-end spec renders compiles with pdflatex
+    (texlive-latex-recommended; .ci/run installs it, and in CI a missing pdflatex fails this test)."""
+    from tests.test_tables_publish import compile_tex
+    texs = sorted((uninterrupted / "tables/synth").glob("*.tex"))
+    assert [t.name for t in texs] == ["synth.tex"]
+    text = texs[0].read_text()
+    assert "\\label{tab:synth}" in text and "100\\% tiny\\_CLIP \\& one epoch, $\\beta$ = 2, \\#1" in text
+    for tex in texs:
+        log = compile_tex(tex, tmp_path)
+        assert "Output written" in log
 
 
 def test_second_launch_submits_nothing(world, uninterrupted, capsys):

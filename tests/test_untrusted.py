@@ -183,8 +183,10 @@ def test_every_yaml_reader_gives_one_line_naming_the_file(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\nb: {")
+    from engine.cli import UserError
+
     for reader in (load_yaml, load_efficiency_spec, load_spec):
-        with pytest.raises(ConfigError) as info:
+        with pytest.raises(UserError) as info:
             reader(bad)
         assert str(bad) in str(info.value) and "\n" not in str(info.value), reader
     (tmp_path / "run").mkdir()

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {name: REPO / "configs/datasets" / f"{folder}.yaml" for name, (folder, *_rest) in DEMO_DATASETS.items()}
 # The session model: fast pretraining setting (the demo uses the tool's defaults).
 FAST = dict(steps=60, batch_size=128, pool=3000, warmup=10, eval_every=1000, eval_per_class=2)
-TINY_RUN = dict(steps=2, batch_size=16, pool=32, warmup=1, eval_every=1000, eval_per_class=1)
+TINY_RUN = dict(steps=2, batch_size=16, pool=36, warmup=1, eval_every=1000, eval_per_class=1, threads=1)
 
 
 @pytest.fixture(scope="session")
@@ -146,8 +146,95 @@ def test_pretraining_is_deterministic_and_reused(tmp_path):
                                      **dict(TINY_RUN, steps=3))
     assert changed["sha256"] != a["sha256"] and changed["params"]["steps"] == 3
     threads = torch.get_num_threads()
-    two = pretrain_clip.pretrain(out=str(tmp_path / "d.pt"), seed=0, threads=2, log=lambda *_: None, **TINY_RUN)
+    two = pretrain_clip.pretrain(out=str(tmp_path / "d.pt"), seed=0, log=lambda *_: None, **dict(TINY_RUN, threads=2))
     assert two["threads"] == 2 and a["threads"] == 1 and torch.get_num_threads() == threads
+
+
+def test_record_holds_every_zero_shot_read_out_with_its_chance_level(tmp_path):
+    record = pretrain_clip.pretrain(out=str(tmp_path / "a.pt"), seed=0, log=lambda *_: None, **TINY_RUN)
+    assert set(record["zero_shot"]) == set(record["chance"]) == {"objects", "shape", "colour", "textures"}
+    assert record["chance"] == {"objects": round(100 / 48, 2), "shape": round(100 / 6, 2), "colour": 12.5,
+                                "textures": round(100 / 24, 2)}
+    assert all(0 <= v <= 100 for v in record["zero_shot"].values())
+    assert record["threads"] == 1 and record["seconds"] > 0
+    for key in ("group_size", "texture_fraction", "plain_fraction", "clutter_fraction", "attribute_weight"):
+        assert record["params"][key] == pretrain_clip.RECIPE[key]
+    assert json.loads((tmp_path / "a.pt.json").read_text()) == record
+
+
+def test_object_read_outs_split_a_prediction_into_shape_and_colour():
+    shapes = len(world.SHAPES)
+    # class = colour * 6 + shape; (red circle, orange square, yellow square, green star)
+    labels = torch.tensor([0, shapes + 1, 2 * shapes + 1, 3 * shapes + 4])
+    # right; orange circle (colour right); blue square (shape right); green circle (colour right)
+    pred = torch.tensor([0, shapes + 0, 4 * shapes + 1, 3 * shapes + 0])
+    out = pretrain_clip.object_readouts(pred, labels)
+    assert out == {"objects": 25.0, "shape": 50.0, "colour": 75.0}
+
+
+def test_contrast_groups_differ_only_in_shape_or_pattern_and_batches_keep_them_together():
+    rng = np.random.default_rng(0)
+    specs, groups = world.sample_contrast_groups(rng, 200)
+    assert len(specs) == 200 and sorted(i for g in groups for i in g) == list(range(200))
+    for g in groups[:-1]:  # the last group may be cut at n
+        members = [specs[i] for i in g]
+        varying = "pattern" if members[0]["kind"] == "texture" else "shape"
+        assert len(members) == (3 if varying == "pattern" else 6)
+        assert len({m[varying] for m in members}) == len(members)
+        rest = [{k: v for k, v in m.items() if k != varying} for m in members]
+        assert all(r == rest[0] for r in rest)
+    batch = pretrain_clip.draw_batch(rng, len(specs), 30, groups, 3)
+    owner = {i: n for n, g in enumerate(groups) for i in g}
+    assert len(batch) == 30 == len(set(batch.tolist()))
+    counts = {}
+    for i in batch.tolist():
+        counts[owner[i]] = counts.get(owner[i], 0) + 1
+    assert all(c == 3 or len(groups[g]) < 3 for g, c in counts.items())  # whole triples of one group
+    single = pretrain_clip.draw_batch(rng, len(specs), 30, None, 3)
+    assert len(set(single.tolist())) == 30
+
+
+def test_world_mix_knobs_set_the_pool_s_attribute_shares():
+    rng = np.random.default_rng(0)
+    plain = world.sample_specs(rng, 400, texture_fraction=0.0, plain_fraction=1.0, clutter_fraction=0.0)
+    assert all(s["kind"] == "object" and s["pattern"] == "plain" and s["background"] == "plain" for s in plain)
+    mixed = world.sample_specs(rng, 4000, texture_fraction=0.5, plain_fraction=0.2, clutter_fraction=0.7)
+    objects = [s for s in mixed if s["kind"] == "object"]
+    assert abs(len(objects) / 4000 - 0.5) < 0.04
+    assert abs(sum(s["pattern"] == "plain" for s in objects) / len(objects) - 0.2) < 0.04
+    assert abs(sum(s["background"] == "cluttered" for s in objects) / len(objects) - 0.7) < 0.04
+
+
+def test_attribute_prompts_label_each_image_with_its_own_values():
+    specs = [{"kind": "object", "colour": "blue", "shape": "star", "size": "small", "pattern": "plain",
+              "background": "plain"}, {"kind": "texture", "colour": "pink", "pattern": "dotted"}]
+    labels = pretrain_clip.attribute_labels(specs)
+    assert labels["shape"].tolist() == [world.SHAPES.index("star"), -1]
+    assert labels["colour"].tolist() == [list(world.COLOURS).index("blue"), list(world.COLOURS).index("pink")]
+    assert labels["pattern"].tolist() == [-1, world.PATTERNS[1:].index("dotted")]
+
+
+@pytest.mark.parametrize("knob", [dict(attribute_weight=0.0), dict(group_size=1), dict(plain_fraction=0.5),
+                                  dict(clutter_fraction=0.9), dict(texture_fraction=0.6)])
+def test_every_recipe_knob_changes_the_checkpoint(tmp_path, knob):
+    base = pretrain_clip.pretrain(out=str(tmp_path / "a.pt"), seed=0, log=lambda *_: None, **TINY_RUN)
+    other = pretrain_clip.pretrain(out=str(tmp_path / "b.pt"), seed=0, log=lambda *_: None, **TINY_RUN, **knob)
+    assert other["sha256"] != base["sha256"]
+
+
+@pytest.mark.parametrize("argv, words", [(["--eval-every", "0"], "--eval-every must be >= 1"),
+                                         (["--threads", "0"], "--threads must be >= 1"),
+                                         (["--group-size", "0"], "--group-size must be >= 1"),
+                                         (["--plain-fraction", "1.5"], "--plain-fraction must lie in [0, 1]"),
+                                         (["--attribute-weight", "-1"], "--attribute-weight must be >= 0")])
+def test_bad_pretraining_flags_are_one_line_errors(tmp_path, capsys, argv, words):
+    from engine.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(pretrain_clip.main, ["--out", str(tmp_path / "x.pt"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: ") and words in err and "\n" not in err
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_checkpoint_loads_through_the_real_weights_path_and_round_trips(world_weights, monkeypatch):
@@ -230,10 +317,11 @@ def test_prompt_learning_raises_base_accuracy_above_zero_shot(world_root, world_
 
 # ---- the demo report ----------------------------------------------------------------------------------
 
-def _fake_result(folder, acc, head=None, tail=None):
-    Path(folder).mkdir(parents=True)
+def _fake_result(step, acc, head=None, tail=None):
+    """A results.json with the run fields the plan expects of ``step`` (tools/tables checks them)."""
+    Path(step.folder).mkdir(parents=True)
     metrics = {"accuracy": acc, "macro_f1": acc - 1, "mean_class_acc": acc, "head_acc": head, "tail_acc": tail}
-    (Path(folder) / "results.json").write_text(json.dumps({"results": {"test": metrics}}))
+    (Path(step.folder) / "results.json").write_text(json.dumps({**step.expected(), "results": {"test": metrics}}))
 
 
 def test_demo_report_writes_the_summary_plot_and_report(tmp_path, capsys):
@@ -247,11 +335,11 @@ def test_demo_report_writes_the_summary_plot_and_report(tmp_path, capsys):
     for u in plan.units:
         d = shift[u.steps[0].dataset]
         if u.row.label == "ZS-CLIP":
-            _fake_result(u.steps[0].folder, 50 + d, 55 + d, 45 + d)
-            _fake_result(u.steps[1].folder, 45 + d)
+            _fake_result(u.steps[0], 50 + d, 55 + d, 45 + d)
+            _fake_result(u.steps[1], 45 + d)
         elif u.row.label == "CoOp+LA":
-            _fake_result(u.steps[0].folder, 60 + d, 70 + d, 50 + d)
-            _fake_result(u.steps[1].folder, 40 + d)
+            _fake_result(u.steps[0], 60 + d, 70 + d, 50 + d)
+            _fake_result(u.steps[1], 40 + d)
     (tmp_path / "timings.tsv").write_text("data\t3\ntotal\t42\n")
     assert demo_report.main([str(tmp_path), "--backbone", "tiny", "--opts", *opts]) == 0
     report = (tmp_path / "REPORT.md").read_text()

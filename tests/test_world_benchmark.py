@@ -60,6 +60,15 @@ def test_benchmark_script_dry_run_lists_every_row_on_every_world_dataset(tmp_pat
     assert "training run(s) without a step estimate" not in text
 
 
+def test_settings_override_runs_one_imbalance_factor(tmp_path, capsys):
+    from tools.tables.__main__ import main
+
+    assert main(["world_benchmark", "--dry-run", "--output", str(tmp_path / "out"), "--settings", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "world_benchmark: 108 training runs + 108 evaluation runs = 216 runs" in text
+    assert "/base2new_imb10/" in text and "/base2new_imb50/" not in text
+
+
 def test_ablation_script_dry_run(tmp_path):
     text = _script_dry_run(tmp_path, "world_ablation")
     # zero-shot + LAMP full / w/o MPP / w/o MSP / w/o LBO, imb 10, 3 datasets, 3 seeds

@@ -36,8 +36,10 @@ from engine.trainer import TrainerX
 from trainers.common import cosine_logits, template_prompts
 
 
-# The official code (ZjjConan/Multi-Modal-Adapter) names the section TRAINER.MMADAPTER; same keys.
+# The official code (ZjjConan/Multi-Modal-Adapter) names the section TRAINER.MMADAPTER (same keys) and the
+# trainer MultiModalAdapter (its scripts' --trainer).
 register_config_alias({"TRAINER.MMADAPTER": "TRAINER.MMA"})
+TRAINER_REGISTRY.alias("MultiModalAdapter", "MMA")
 
 
 @register_config

@@ -15,7 +15,10 @@ which is the official B2N / CD rule written as one condition (TEST_BRANCH auto).
 
 Per-dataset settings: the official code overrides lambda (and EuroSAT's d_r = 2048) by dataset name after
 reading the config file; here REG_WEIGHT -1 / REP_DIM 0 mean "look the dataset up in REG_WEIGHT_BY_DATASET /
-REP_DIM_BY_DATASET" ("*" = any other dataset), and an explicit value wins.
+REP_DIM_BY_DATASET" ("*" = any other dataset), and any other value is used as given (the official scripts'
+opts come after the table: the cross-dataset scripts pass lambda 0.2 and d_r 512, configs/trainers/MMRL/
+vit_b16_xd.yaml). Official names: TRAINER.MMRL.ALPHA (the current official key) is SCALE; the scripts' TASK
+(B2N / FS / CD) picks the inference branch (TASK below; "" = TEST_BRANCH alone decides).
 """
 import copy
 
@@ -24,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from engine.config import ConfigError, register_config
+from engine.config import ConfigError, register_config, register_config_alias
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks, insert_after_first, repeat_batch, replace_after_first
 from engine.registry import TRAINER_REGISTRY
@@ -34,6 +37,8 @@ from trainers.common import frozen_text_features, template_prompts
 LOGIT_SCALE = 100.0  # MMRL multiplies cosines by 100 whatever the backbone's logit_scale
 TEST_BRANCHES = ("auto", "fusion", "cls", "rep")
 # yunncheng/MMRL:trainers/config.py (get_dataset_specified_config), applied in every task
+REG_WEIGHT_BY_DATASET = -1.0   # TRAINER.MMRL.REG_WEIGHT: this value = "by dataset"; any other is used as given
+TASKS = ("", "B2N", "FS", "CD")
 REG_WEIGHTS = ["StanfordCars:7.0", "FGVCAircraft:6.0", "SUN397:6.0", "DescribableTextures:6.0", "Food101:5.0",
                "OxfordFlowers:4.0", "UCF101:3.0", "ImageNet:0.5", "Caltech101:0.5", "OxfordPets:0.2",
                "EuroSAT:0.01", "*:1.0"]
@@ -50,11 +55,31 @@ def add_mmrl_config(cfg):
     c.REG_WEIGHT = -1.0                 # lambda; -1 = by dataset (REG_WEIGHT_BY_DATASET)
     c.REG_WEIGHT_BY_DATASET = list(REG_WEIGHTS)
     c.TEST_BRANCH = "auto"              # auto (fusion on trained classes, cls elsewhere) | fusion | cls | rep
+    c.TASK = ""                         # official TASK: B2N / CD = auto, FS = fusion; "" = TEST_BRANCH decides
     c.PREC = "amp"
     declare_keys(cfg, "TRAINER.MMRL", N_REP_TOKENS=Int(1), REP_DIM=Int(1, also=(0,)),
                  REP_DIM_BY_DATASET=PerDataset(Int(1)), REP_LAYERS=Blocks("both"), SCALE=Float(0, 1),
-                 REG_WEIGHT=Float(0, also=(-1,)), REG_WEIGHT_BY_DATASET=PerDataset(Float(0)),
-                 TEST_BRANCH=Choice(*TEST_BRANCHES), PREC=Choice(*PRECISIONS))
+                 REG_WEIGHT=Float(), REG_WEIGHT_BY_DATASET=PerDataset(Float(0)),
+                 TEST_BRANCH=Choice(*TEST_BRANCHES), TASK=Choice(*TASKS), PREC=Choice(*PRECISIONS))
+
+
+# The official code's names: its current key ALPHA (an older commit: SCALE, ours) and its scripts' TASK opt.
+register_config_alias({"TRAINER.MMRL.ALPHA": "TRAINER.MMRL.SCALE"})
+for _trainer in ("MMRL", "VaMP"):
+    register_config_alias({"TASK": "TRAINER.MMRL.TASK"}, trainer=_trainer)
+
+
+def resolve_settings(c, dataset):
+    """(d_r, lambda, test branch) of a run on ``dataset`` (a DATASET.NAME) with TRAINER.MMRL node ``c``:
+    REP_DIM 0 / REG_WEIGHT -1 look the dataset up in the tables, any other value is used as given; an
+    official TASK (B2N / CD / FS) sets the branch when TEST_BRANCH is auto (FS: fusion, as the official test)."""
+    if c.TASK not in TASKS:
+        raise ConfigError(f"TRAINER.MMRL.TASK (the official TASK) must be one of B2N, FS, CD or empty, got '{c.TASK}'")
+    rep_dim = c.REP_DIM or int(by_dataset(c.REP_DIM_BY_DATASET, dataset, "TRAINER.MMRL.REP_DIM_BY_DATASET"))
+    reg_weight = (by_dataset(c.REG_WEIGHT_BY_DATASET, dataset, "TRAINER.MMRL.REG_WEIGHT_BY_DATASET")
+                  if c.REG_WEIGHT == REG_WEIGHT_BY_DATASET else float(c.REG_WEIGHT))
+    branch = "fusion" if (c.TASK == "FS" and c.TEST_BRANCH == "auto") else c.TEST_BRANCH
+    return rep_dim, reg_weight, branch
 
 
 def by_dataset(entries, dataset, key):
@@ -159,12 +184,8 @@ class MMRL(TrainerX):
             raise ConfigError(f"TRAINER.MMRL.TEST_BRANCH must be one of {TEST_BRANCHES}, got '{c.TEST_BRANCH}'")
         if not 0.0 <= c.SCALE <= 1.0:
             raise ConfigError(f"TRAINER.MMRL.SCALE (alpha) must be in [0, 1], got {c.SCALE}")
-        dataset = self.cfg.DATASET.NAME
-        rep_dim = c.REP_DIM or int(by_dataset(c.REP_DIM_BY_DATASET, dataset, "TRAINER.MMRL.REP_DIM_BY_DATASET"))
+        rep_dim, self.reg_weight, self.test_branch = resolve_settings(c, self.cfg.DATASET.NAME)
         self.alpha = c.SCALE
-        self.reg_weight = (c.REG_WEIGHT if c.REG_WEIGHT >= 0 else
-                           by_dataset(c.REG_WEIGHT_BY_DATASET, dataset, "TRAINER.MMRL.REG_WEIGHT_BY_DATASET"))
-        self.test_branch = c.TEST_BRANCH
         self.rep = MMRLRepresentation(self.clip, c.N_REP_TOKENS, rep_dim, c.REP_LAYERS).to(self.device)
         self.build_extra_modules()
         self.register_model("representation_learner", self.trained_module(), *self.build_optim_sched(self.trained_module()))

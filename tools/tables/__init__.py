@@ -20,8 +20,9 @@ def launch(plan, **kw):
     return _launch(plan, **kw)
 
 
-def render_all(plan, cells, out_dir, with_plots=True):
-    """Write the table files (and plots) of ``plan`` into ``out_dir``; returns the written paths."""
+def render_all(plan, cells, out_dir, with_plots=True, tex_paper=False):
+    """Write the table files (and plots) of ``plan`` into ``out_dir``; returns the written paths.
+    ``tex_paper``: the paper's value next to ours in the LaTeX table."""
     from tools.tables.render import read_paper, write_all
     paper = read_paper(plan.spec.paper) if plan.spec.paper else None
     plots = []
@@ -30,4 +31,4 @@ def render_all(plan, cells, out_dir, with_plots=True):
         from tools.tables.plots import plot_all
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         plots = plot_all(plan, cells, out_dir)
-    return write_all(plan.spec, cells, out_dir, paper, plots) + plots
+    return write_all(plan.spec, cells, out_dir, paper, plots, tex_paper) + plots

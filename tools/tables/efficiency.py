@@ -14,25 +14,27 @@ import resource
 import time
 from pathlib import Path
 
-from engine.config import load_yaml
-
 from tools.tables.render import _md_table, fmt
-from tools.tables.spec import REPO, SPEC_DIR, SpecError
+from tools.tables.spec import REPO, SPEC_DIR, SpecError, _check_trainer_config, _safe_name, read_yaml
 
 KEYS = {"name", "title", "dataset", "setting", "seed", "methods", "hm_from", "paper"}
 
 
 def load_efficiency_spec(path=None):
     path = Path(path or SPEC_DIR / "table5.yaml")
-    raw = load_yaml(path, "table spec") or {}
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a mapping")
     unknown = set(raw) - KEYS
     if unknown:
         raise SpecError(f"{path}: unknown key(s) {sorted(unknown)} (known: {sorted(KEYS)})")
     for m in raw.get("methods") or []:
-        if not {"label", "trainer", "config"} <= set(m):
+        if not isinstance(m, dict) or not {"label", "trainer", "config"} <= set(m):
             raise SpecError(f"{path}: a method needs label, trainer and config, got {m}")
+        _check_trainer_config(_safe_name(m["trainer"], "trainer", str(path)), _safe_name(m["config"], "config", str(path)),
+                              str(path))
     raw.setdefault("name", path.stem)
     raw["path"] = path
     return raw

@@ -8,8 +8,10 @@ unit (``--array-parallelism`` at a time), same locking. Each step is ``train.mai
 (the exact arguments of scripts/lib.sh); its log is ``log.txt`` in its run folder; a failure writes
 ``table_error.log`` next to it and does not stop the other units.
 """
+import contextlib
 import datetime
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -20,6 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
+from engine.cli import UserError
 from tools.tables.plan import LOCK_NAME
 from tools.tables.spec import REPO
 
@@ -53,16 +56,41 @@ def _release(fd):
     os.close(fd)
 
 
+class _Tee(io.TextIOBase):
+    """stderr that still goes where it went, and is also kept (to find train.py's ``error:`` line)."""
+
+    def __init__(self, stream):
+        self.stream, self.kept = stream, io.StringIO()
+
+    def write(self, text):
+        self.kept.write(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def error_line(text):
+    """The last ``error: ...`` line train.py printed (engine.cli's one-line errors), or ''."""
+    lines = [l.strip() for l in text.splitlines() if l.strip().startswith("error:")]
+    return lines[-1] if lines else ""
+
+
 def run_step(step, info):
-    """Run one train.py invocation in this process; returns (ok, message)."""
+    """Run one train.py invocation in this process; returns (ok, message). A failure's message is train.py's
+    ``error:`` line (the reason), or the last line of a crash's traceback."""
     import train  # the repository root is on sys.path (PYTHONPATH set by the launcher)
+    tee = _Tee(sys.stderr)
     try:
-        rc = train.main(list(step["argv"]))
+        with contextlib.redirect_stderr(tee):
+            rc = train.main(list(step["argv"]))
         if rc == 0 and os.path.isfile(os.path.join(step["folder"], "results.json")):
             return True, ""
-        message = f"train.py exited with code {rc}"
+        reason = error_line(tee.kept.getvalue())
+        message = f"train.py exited with code {rc}" + (f": {reason}" if reason else "")
     except Exception:  # a crash of one run must not stop the lane
         message = traceback.format_exc()
+    os.makedirs(step["folder"], exist_ok=True)
     with open(os.path.join(step["folder"], ERROR_LOG), "a") as f:
         f.write(f"[{datetime.datetime.now().isoformat(timespec='seconds')}] job {info['job_id']} "
                 f"pid {os.getpid()} on {socket.gethostname()}\n{message}\njob log: {info['job_log']}\n")
@@ -160,6 +188,8 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
     """
     import submitit
 
+    if jobs is not None and int(jobs) < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
     states = plan.states()
     pending = [u for u in plan.units if states[u.key] not in ("done", "running")]
     elsewhere = [u.key for u in plan.units if states[u.key] == "running"]
@@ -176,7 +206,7 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
         payload = [unit_payload(u) for u in pending]
         if launcher == "local":
             gpus = visible_gpus()
-            n = int(jobs or max(1, len(gpus)))
+            n = int(max(1, len(gpus)) if jobs is None else jobs)
             n = max(1, min(n, len(payload)))
             executor = submitit.LocalExecutor(folder=folder)
             submitted = []

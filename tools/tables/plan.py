@@ -20,12 +20,16 @@ import yaml
 
 from engine.config import load_yaml
 from engine.run_identity import variant_tag
-from tools.tables.spec import REPO, SpecError, dataset_info
+from tools.tables.spec import PLANNER_KEYS, REPO, SpecError, dataset_info
 
 LOCK_NAME = ".table.lock"
 # Trainers with nothing to train: their "training" run only evaluates (0 training steps).
 UNTRAINED_TRAINERS = {"ZeroshotCLIP"}
 ENGINE_DEFAULTS = {"OPTIM.MAX_EPOCH": 10, "DATALOADER.TRAIN_X.BATCH_SIZE": 32}  # engine/config.py
+
+
+# results.json fields a collected run must agree on with its plan (tools/tables/results.py checks them)
+CHECKED_FIELDS = ("trainer", "dataset", "seed", "subsample_classes", "imb_factor", "num_shots", "loss", "config")
 
 
 @dataclass
@@ -34,6 +38,31 @@ class Step:
     dataset: str            # folder name of the dataset (spec name)
     argv: list              # train.py arguments
     eval_only: bool = False
+
+    def expected(self):
+        """What this run's results.json must record, read back from its own train.py arguments: trainer,
+        dataset (DATASET.NAME of its dataset config), seed, subsample_classes / imb_factor / num_shots / loss
+        where the arguments set them (last value wins, as in yacs), and config = the run's config folder
+        name (config + "_la" + variant tag; train.py records that folder name)."""
+        argv = list(self.argv)
+        flags = {}
+        i = 0
+        while i < len(argv) and argv[i].startswith("--"):
+            if argv[i] == "--eval-only":
+                i += 1
+                continue
+            flags[argv[i]] = argv[i + 1]
+            i += 2
+        opts = dict(zip(argv[i::2], argv[i + 1::2]))
+        dataset = opts.get("DATASET.NAME") or _dataset_cfg_name(os.path.splitext(os.path.basename(flags["--dataset-config-file"]))[0])
+        out = {"trainer": flags["--trainer"], "dataset": dataset, "seed": int(flags["--seed"]),
+               "config": os.path.basename(os.path.dirname(os.path.normpath(self.folder)))}
+        for key, field_name, cast in (("DATASET.SUBSAMPLE_CLASSES", "subsample_classes", str),
+                                      ("DATASET.IMB_FACTOR", "imb_factor", float),
+                                      ("DATASET.NUM_SHOTS", "num_shots", int), ("TRAINER.LOSS", "loss", str)):
+            if key in opts:
+                out[field_name] = cast(opts[key])
+        return out
 
     @property
     def done(self):
@@ -219,6 +248,9 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
     extra_opts = list(extra_opts or [])
     if len(extra_opts) % 2:
         raise SpecError(f"--opts must be KEY VALUE pairs, got {extra_opts}")
+    moved = [k for k in extra_opts[0::2] if k in PLANNER_KEYS]
+    if moved:
+        raise SpecError(f"--opts may not set {', '.join(moved)} (use --output / --data)")
     out = os.path.abspath(output)
     data = os.path.abspath(data_root)
     cache = os.path.join(out, "cache")
@@ -236,7 +268,7 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
                     return (["--root", data, "--seed", str(seed), "--trainer", row.trainer,
                              "--dataset-config-file", str(REPO / "configs" / "datasets" / f"{dataset.config}.yaml"),
                              "--config-file", tcfg, "--output-dir", folder] + flags
-                            + ["DATASET.CACHE_DIR", cache] + regime_opts + list(dataset.opts) + common)
+                            + ["DATASET.CACHE_DIR", cache] + regime_opts + _inside_data(dataset, data) + common)
                 if spec.b2n:
                     shots, imb = (100, setting) if spec.regime == "lt_b2n" else (setting, 1)
                     for ds in spec.datasets:
@@ -264,6 +296,19 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
                     _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
                                                  (row.trainer, cfg, row.loss, opts_key, src), cfg))
     return Plan(spec, out, list(units.values()), members)
+
+
+def _inside_data(dataset, data):
+    """The dataset's opts with its DATASET.ROOT (a folder inside --data, relative or absolute) made absolute;
+    a root that leaves --data is an error."""
+    opts = list(dataset.opts)
+    for i in range(0, len(opts), 2):
+        if opts[i] == "DATASET.ROOT":
+            path = os.path.normpath(os.path.join(data, opts[i + 1]))
+            if os.path.commonpath([path, data]) != data:
+                raise SpecError(f"dataset {dataset.name}: DATASET.ROOT {opts[i + 1]} leaves --data {data}")
+            opts[i + 1] = path
+    return opts
 
 
 def _add(units, identities, members, unit):

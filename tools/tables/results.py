@@ -4,7 +4,12 @@ Conventions (tools/collect_results.py, methods.md 1.2): metrics are averaged ove
 are the harmonic mean of the seed-averaged base and new accuracy / macro-F1. The ``±`` of an HM cell is the
 sample std (ddof=1) over seeds of the per-seed HM (seeds with both a base and a new result); of a plain
 metric, the sample std of that metric. ``hm_mean`` = (HM-A + HM-M) / 2. An average column is the plain mean
-of the per-dataset means (no std) and is empty unless every dataset has a value.
+of the per-dataset means (no std) and is empty unless every dataset has a value; with ``layout.average_hm:
+of_averages`` its HM cells are instead the HM of its average base and new (VaMP's convention).
+
+Only the planned run goes into a cell: each ``results.json`` is checked against the run the plan expects
+(``Step.expected``: trainer, dataset, seed, split, imbalance factor, shots, loss, config folder / variant
+tag); a mismatch, or a file that does not parse, is left out with one warning naming the file and the field.
 """
 import json
 import os
@@ -26,12 +31,47 @@ class Cell:
     seeds: list = field(default_factory=list)
 
 
-def _read(folder, eval_key, warn):
-    path = os.path.join(folder, "results.json")
+def _same(field, found, want):
+    if field == "imb_factor":
+        try:
+            return float(found) == float(want)
+        except (TypeError, ValueError):
+            return False
+    if field in ("seed", "num_shots"):
+        return isinstance(found, int) and not isinstance(found, bool) and found == want
+    return found == want
+
+
+def check_record(rec, step):
+    """The first field of ``rec`` (a results.json) that disagrees with the run ``step`` of the plan:
+    (field, found, expected), or None when every planned field agrees (a missing field disagrees)."""
+    for field_name, want in step.expected().items():
+        found = rec.get(field_name, "<missing>")
+        if not _same(field_name, found, want):
+            return field_name, found, want
+    return None
+
+
+def _read(step, eval_key, warn, refused):
+    """The results of one run, or None: missing, corrupt (warned) or not the planned run (warned, excluded)."""
+    path = os.path.join(step.folder, "results.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        rec = json.load(f)
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        if not isinstance(rec, dict):
+            raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+    except (OSError, ValueError) as err:
+        warn(f"{path}: corrupt results.json ({' '.join(str(err).split())}); its cell is missing")
+        refused.append(path)
+        return None
+    bad = check_record(rec, step)
+    if bad is not None:
+        field_name, found, want = bad
+        warn(f"{path}: {field_name} is {found!r}, the plan expects {want!r}; not this cell's run, excluded")
+        refused.append(path)
+        return None
     res = (rec.get("results") or {}).get(eval_key)
     if res is None:
         warn(f"{path} has no results[{eval_key!r}] (has {sorted(rec.get('results') or {})})")
@@ -44,15 +84,17 @@ def _metric_cell(per_seed, of):
     return Cell(m, sd, len(values), of, sorted(values))
 
 
-def collect(plan, warn=lambda msg: None):
-    """{(setting, row label, group key, metric): Cell} for every cell of the spec's layout (plus head/tail)."""
+def collect(plan, warn=lambda msg: None, refused=None):
+    """{(setting, row label, group key, metric): Cell} for every cell of the spec's layout (plus head/tail).
+    ``refused``: a list that gets the path of every results.json left out (corrupt or not the planned run)."""
+    refused = [] if refused is None else refused
     spec = plan.spec
     of = len(spec.seeds)
     # raw[(setting, row, dataset)][seed] = {"base": res, "new": res} or {"all": res}
     raw = {}
     for u in plan.members or plan.units:
         for i, step in enumerate(u.steps):
-            res = _read(step.folder, spec.eval_key, warn)
+            res = _read(step, spec.eval_key, warn, refused)
             if spec.b2n:
                 part = "base" if i == 0 else "new"
             else:
@@ -74,7 +116,22 @@ def collect(plan, warn=lambda msg: None):
                     n = min(cells[(setting, row.label, d, metric)].n for d in targets)
                     cells[(setting, row.label, AVERAGE, metric)] = Cell(
                         None if any(v is None for v in vals) else sum(vals) / len(vals), None, n, of)
+                if spec.b2n and spec.average_hm == "of_averages":
+                    _hm_of_averages(cells, (setting, row.label, AVERAGE), of)
     return cells
+
+
+def _hm_of_averages(cells, key, of):
+    """The Average column's HM cells as the HM of the average base and new (VaMP's convention), not the mean
+    of the per-dataset HMs; hm_mean = the mean of the two."""
+    hms = []
+    for hm, base, new in (("hm_acc", "base_acc", "new_acc"), ("hm_f1", "base_f1", "new_f1")):
+        b, n = cells[key + (base,)], cells[key + (new,)]
+        value = harmonic_mean(b.mean, n.mean) if b.mean is not None and n.mean is not None else None
+        cells[key + (hm,)] = Cell(value, None, min(b.n, n.n), of)
+        hms.append(cells[key + (hm,)])
+    cells[key + ("hm_mean",)] = Cell(None if any(h.mean is None for h in hms) else sum(h.mean for h in hms) / 2,
+                                     None, min(h.n for h in hms), of)
 
 
 def _all_metrics(spec):

@@ -38,7 +38,12 @@ renderer all read the same object, so a table and the runs behind it cannot drif
       average_label: Average
       source_column: true         # xd/dg: the source dataset's own test as the first column group
       blocks: auto                # auto (one block per setting when there are several) | settings | none
+      average_hm: per_dataset     # B2N: the Average column's HM = mean of the per-dataset HMs (LAMP's tables) |
+                                  # of_averages = HM of the average base / new (as VaMP reports it)
+      tex_max_columns: 12         # LaTeX: at most this many value columns per tabular (wider: split by groups)
     paper: table1_paper.csv       # the paper's numbers, next to the spec (a row may have none: shown as –)
+    paper_omit_rows: [CLIP]       # rows whose paper numbers are not comparable: shown as – (say why in notes)
+    notes: ["..."]                # caveats: printed under the markdown table and in the LaTeX caption
     paper_source: lamp_paper.txt  # the text the CSV's line numbers refer to (default lamp_paper.txt)
     plot: {kind: bars}            # bars (Fig. 1) | sweep (Fig. 3) | none
 
@@ -47,8 +52,11 @@ folder, so it is the very run the main tables use.
 """
 import functools
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from engine.cli import UserError
 from engine.config import load_yaml
@@ -63,13 +71,49 @@ METRIC_LABELS = {"base_acc": "Base", "new_acc": "New", "hm_acc": "HM-A", "base_f
                  "hm_f1": "HM-M", "hm_mean": "Avg.", "base_head_acc": "Head", "base_tail_acc": "Tail",
                  "acc": "Acc.", "f1": "Mac.", "head_acc": "Head", "tail_acc": "Tail"}
 SPEC_KEYS = {"name", "title", "base", "regime", "settings", "seeds", "datasets", "source", "opts", "eval_key",
-             "methods", "layout", "paper", "paper_source", "plot", "notes"}
-LAYOUT_KEYS = {"metrics", "metric_labels", "average", "average_label", "source_column", "blocks"}
+             "methods", "layout", "paper", "paper_source", "paper_omit_rows", "plot", "notes"}
+LAYOUT_KEYS = {"metrics", "metric_labels", "average", "average_label", "average_hm", "source_column", "blocks",
+               "tex_max_columns"}
+AVERAGE_HM = ("per_dataset", "of_averages")
 METHOD_KEYS = {"label", "trainer", "config", "config_by_dataset", "loss", "opts", "variants", "sweep"}
 
 
 class SpecError(UserError):
     """A table spec that cannot be used (unknown key, missing field, bad value)."""
+
+
+# A name that becomes one folder of a run's path (dataset, trainer, config): one plain path component, so
+# that no run folder leaves --output (and no dataset config leaves configs/datasets).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# Keys the planner sets for every run (where runs and data live): a spec may not move them.
+PLANNER_KEYS = ("OUTPUT_DIR", "DATASET.ROOT", "DATASET.CACHE_DIR")
+TRAINER_CONFIGS = REPO / "configs" / "trainers"
+DATASET_CONFIGS = REPO / "configs" / "datasets"
+
+
+def _safe_name(value, what, where):
+    value = str(value)
+    if not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise SpecError(f"{where}: {what} {value!r} must be a plain name (letters, digits, . _ + -): it becomes a "
+                        f"folder under --output / a file under configs/")
+    return value
+
+
+def _trainer_names():
+    return sorted(p.name for p in TRAINER_CONFIGS.iterdir() if p.is_dir())
+
+
+def trainer_config_path(trainer, config):
+    return TRAINER_CONFIGS / trainer / f"{config}.yaml"
+
+
+def _check_trainer_config(trainer, config, where):
+    if not (TRAINER_CONFIGS / trainer).is_dir():
+        raise SpecError(f"{where}: unknown trainer {trainer!r} (known: {' '.join(_trainer_names())})")
+    if not trainer_config_path(trainer, config).is_file():
+        known = sorted(p.stem for p in (TRAINER_CONFIGS / trainer).glob("*.yaml"))
+        raise SpecError(f"{where}: unknown config {config!r} of {trainer} (no configs/trainers/{trainer}/{config}.yaml; "
+                        f"known: {' '.join(known)})")
 
 
 @dataclass(frozen=True)
@@ -112,12 +156,24 @@ class Spec:
     metric_labels: dict = field(default_factory=dict)
     average: str = "last"
     average_label: str = "Average"
+    axis_labels: dict = field(default_factory=dict)   # sweep axis name -> its printed label (e.g. beta -> β)
     source_column: bool = False
     blocks: bool = False
     paper: Path = None
     paper_source: str = "lamp_paper.txt"
     plot: dict = field(default_factory=dict)
     path: Path = None
+    notes: list = field(default_factory=list)
+    paper_omit_rows: list = field(default_factory=list)
+    average_hm: str = "per_dataset"
+    tex_max_columns: int = 12
+
+    def first_column_label(self):
+        """"Method", or the swept key (β, M) when every row is one value of the same sweep axes."""
+        axes = {tuple(a[0] for a in r.axes) for r in self.rows}
+        if len(axes) == 1 and all(r.axes for r in self.rows) and all(r.method == self.rows[0].method for r in self.rows):
+            return ", ".join(self.axis_labels.get(a, a) for a in next(iter(axes)))
+        return "Method"
 
     @property
     def b2n(self):
@@ -150,22 +206,32 @@ def dataset_info():
     return load_yaml(SPEC_DIR / "datasets.yaml", "dataset table")
 
 
-def _opts(value, where):
+def _opts(value, where, allowed=()):
     value = list(value or [])
     if len(value) % 2:
         raise SpecError(f"{where}: opts must be KEY VALUE pairs, got {value}")
+    moved = [k for k in value[0::2] if str(k) in PLANNER_KEYS and str(k) not in allowed]
+    if moved:
+        raise SpecError(f"{where}: opts may not set {', '.join(map(str, moved))} (the planner sets it from "
+                        f"--output / --data)")
     return tuple(str(v) for v in value)
 
 
 def _dataset(entry, where):
     if isinstance(entry, str):
-        return Dataset(entry, entry)
-    if isinstance(entry, dict) and "name" in entry:
-        unknown = set(entry) - {"name", "config", "opts"}
-        if unknown:
-            raise SpecError(f"{where}: unknown dataset key(s) {sorted(unknown)}")
-        return Dataset(str(entry["name"]), str(entry.get("config", entry["name"])), _opts(entry.get("opts"), where))
-    raise SpecError(f"{where}: a dataset is a name or a mapping with 'name', got {entry!r}")
+        entry = {"name": entry}
+    if not (isinstance(entry, dict) and "name" in entry):
+        raise SpecError(f"{where}: a dataset is a name or a mapping with 'name', got {entry!r}")
+    unknown = set(entry) - {"name", "config", "opts"}
+    if unknown:
+        raise SpecError(f"{where}: unknown dataset key(s) {sorted(unknown)}")
+    name = _safe_name(entry["name"], "dataset name", where)
+    config = _safe_name(entry.get("config", name), "dataset config", where)
+    if not (DATASET_CONFIGS / f"{config}.yaml").is_file():
+        known = sorted(p.stem for p in DATASET_CONFIGS.glob("*.yaml"))
+        raise SpecError(f"{where}: unknown dataset {config!r} (no configs/datasets/{config}.yaml; known: {' '.join(known)})")
+    # a dataset's own DATASET.ROOT is a folder inside --data (the planner resolves and checks it)
+    return Dataset(name, config, _opts(entry.get("opts"), where, allowed=("DATASET.ROOT",)))
 
 
 def _value_label(value):
@@ -181,6 +247,9 @@ def _rows(method, where):
     for key in ("trainer", "config"):
         if not method.get(key):
             raise SpecError(f"{where}: a method needs '{key}'")
+    trainer = _safe_name(method["trainer"], "trainer", where)
+    method = dict(method, trainer=trainer, config=_safe_name(method["config"], "config", where))
+    _check_trainer_config(trainer, method["config"], where)
     label = str(method.get("label", method["trainer"]))
     loss = str(method.get("loss", "ce"))
     if loss not in ("ce", "la"):
@@ -189,7 +258,9 @@ def _rows(method, where):
     by_dataset = method.get("config_by_dataset") or {}
     if not isinstance(by_dataset, dict) or not all(isinstance(v, str) and v for v in by_dataset.values()):
         raise SpecError(f"{where}: config_by_dataset maps dataset names to config names, got {by_dataset!r}")
-    by_dataset = tuple(sorted((str(k), v) for k, v in by_dataset.items()))
+    by_dataset = tuple(sorted((str(k), _safe_name(v, "config", where)) for k, v in by_dataset.items()))
+    for _, cfg in by_dataset:
+        _check_trainer_config(trainer, cfg, f"{where}: config_by_dataset")
     variants = []
     for v in method.get("variants") or []:
         variants.append((str(v.get("label", "")), _opts(v.get("opts"), where), ()))
@@ -198,6 +269,9 @@ def _rows(method, where):
         for axis in axes:
             if not {"name", "key", "values"} <= set(axis):
                 raise SpecError(f"{where}: a sweep axis needs name, key and values, got {axis}")
+            unknown = set(axis) - {"name", "key", "values", "default", "label"}
+            if unknown:
+                raise SpecError(f"{where}: unknown sweep axis key(s) {sorted(unknown)}")
         for combo in itertools.product(*[axis["values"] for axis in axes]):
             opts, labels = [], []
             for axis, value in zip(axes, combo):
@@ -235,8 +309,24 @@ def load_spec(path_or_name, overrides=None):
     return build_spec(raw, path)
 
 
+def read_yaml(path):
+    """A spec file as data; malformed YAML and python tags (``!!python/...``) are one-line SpecErrors."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        if "python/" in str(err):
+            raise SpecError(f"{path}: YAML python tags are not allowed in a spec{at}: {problem}") from None
+        raise SpecError(f"{path}: not valid YAML{at}: {problem}") from None
+
+
 def _read_with_base(path, depth=0):
-    raw = load_yaml(path, "table spec") or {}
+    if not Path(path).is_file():
+        raise SpecError(f"{path}: no such spec file")
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a mapping")
     if raw.get("base"):
@@ -267,7 +357,7 @@ def build_spec(raw, path=None):
         raise SpecError(f"{where}: unknown layout key(s) {sorted(unknown)} (known: {sorted(LAYOUT_KEYS)})")
     allowed = B2N_METRICS if regime in ("lt_b2n", "fewshot") else ALL_METRICS
     metrics = list(layout.get("metrics") or (["hm_acc", "hm_f1"] if regime in ("lt_b2n", "fewshot") else ["acc", "f1"]))
-    bad = [m for m in metrics if m not in allowed]
+    bad = [m for m in metrics + list(layout.get("metric_labels") or {}) if m not in allowed]
     if bad:
         raise SpecError(f"{where}: metric(s) {bad} not available for regime {regime} (choose from {allowed})")
     average = str(layout.get("average", "last"))
@@ -276,7 +366,13 @@ def build_spec(raw, path=None):
     blocks = layout.get("blocks", "auto")
     if blocks not in ("auto", "settings", "none"):
         raise SpecError(f"{where}: layout.blocks must be auto, settings or none, got {blocks!r}")
-    settings = [int(s) for s in raw["settings"]]
+    try:
+        settings = [int(s) for s in raw["settings"]]
+        seeds = [int(s) for s in raw["seeds"]]
+    except (TypeError, ValueError):
+        raise SpecError(f"{where}: settings and seeds are lists of integers, got {raw['settings']!r} / {raw['seeds']!r}") from None
+    if not isinstance(raw["methods"], list) or not all(isinstance(m, dict) for m in raw["methods"]):
+        raise SpecError(f"{where}: methods is a list of mappings")
     if blocks == "none" and len(settings) != 1:
         raise SpecError(f"{where}: layout.blocks none needs exactly one setting, got {settings}")
     source = None
@@ -302,14 +398,34 @@ def build_spec(raw, path=None):
     paper = raw.get("paper")
     if paper:
         paper = (path.parent if path else SPEC_DIR) / paper
+    notes = raw.get("notes") or []
+    notes = [notes] if isinstance(notes, str) else notes
+    if not isinstance(notes, list) or not all(isinstance(n, str) and n.strip() for n in notes):
+        raise SpecError(f"{where}: notes is a text or a list of texts, got {raw.get('notes')!r}")
+    omit = raw.get("paper_omit_rows") or []
+    stray = sorted(set(map(str, omit)) - set(labels))
+    if stray:
+        raise SpecError(f"{where}: paper_omit_rows names {stray}, which are not rows of this spec ({labels})")
+    average_hm = str(layout.get("average_hm", "per_dataset"))
+    if average_hm not in AVERAGE_HM:
+        raise SpecError(f"{where}: layout.average_hm must be one of {AVERAGE_HM}, got {average_hm!r}")
+    try:
+        tex_max_columns = int(layout.get("tex_max_columns", 12))
+    except (TypeError, ValueError):
+        tex_max_columns = 0
+    if tex_max_columns < 1:
+        raise SpecError(f"{where}: layout.tex_max_columns must be a positive integer, got {layout.get('tex_max_columns')!r}")
+    axis_labels = {str(a["name"]): str(a["label"]) for m in raw["methods"] for a in (m.get("sweep") or []) if "label" in a}
     return Spec(
         name=str(raw.get("name") or (path.stem if path else "table")),
         title=str(raw.get("title", "")),
-        regime=regime, settings=settings, seeds=[int(s) for s in raw["seeds"]], datasets=datasets, rows=rows,
+        regime=regime, settings=settings, seeds=seeds, datasets=datasets, rows=rows,
         source=source, opts=_opts(raw.get("opts"), where), eval_key=str(raw.get("eval_key", "test")),
         metrics=metrics, metric_labels=dict(layout.get("metric_labels") or {}), average=average,
         average_label=str(layout.get("average_label", "Average")),
         source_column=bool(layout.get("source_column", regime in ("xd", "dg"))),
         blocks=(blocks == "settings") or (blocks == "auto" and len(settings) > 1),
         paper=paper, paper_source=str(raw.get("paper_source", "lamp_paper.txt")), plot=dict(raw.get("plot") or {}), path=path,
+        notes=[" ".join(n.split()) for n in notes], paper_omit_rows=[str(r) for r in omit], average_hm=average_hm,
+        tex_max_columns=tex_max_columns, axis_labels=axis_labels,
     )
