@@ -70,6 +70,13 @@ def _is_within(path, folder):
     return os.path.commonpath([path, folder]) == folder
 
 
+def _lexically_within(path, folder):
+    """``path`` names a place inside ``folder`` once ``..`` and ``.`` are resolved (symlinks are not followed:
+    a dataset folder may link its images from another disk)."""
+    path, folder = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(folder))
+    return path == folder or path.startswith(os.path.join(folder, ""))
+
+
 class DatasetBase:
     """Base of every dataset. Class attributes to set in a subclass:
 
@@ -91,9 +98,9 @@ class DatasetBase:
         seed = max(int(cfg.SEED), 0)
         shots = -1 if self.test_only else int(d.NUM_SHOTS)
         imb_factor = 1.0 if self.test_only else float(d.IMB_FACTOR)
-        train, val, test = self.read_data()
+        train, val, test = self.confined(self.read_data())
         if shots > 0:
-            train, val = self.cached_cap(train, val, shots, seed)
+            train, val = self.confined(self.cached_cap(train, val, shots, seed))
         try:
             result = apply_protocol(
                 train, val, test, seed=seed, subsample=d.SUBSAMPLE_CLASSES, imb_factor=imb_factor,
@@ -157,7 +164,20 @@ class DatasetBase:
         """The full (train, val, test) lists before any protocol step, without a cfg (tools.check_data)."""
         self = cls.__new__(cls)
         self.locate(root, cache_dir)
-        return self.read_data()
+        return self.confined(self.read_data())
+
+    def confined(self, splits):
+        """``splits`` unchanged when every image path lies inside the dataset folder; an entry such as
+        ``../../outside.png`` (or an absolute path elsewhere) is a ``DatasetError`` naming it."""
+        for items in splits:
+            for x in items:
+                if not _lexically_within(x.impath, self.dataset_dir):
+                    entry = os.path.relpath(os.path.normpath(x.impath), self.image_dir)
+                    raise DatasetError(
+                        f"{type(self).__name__}: split entry {entry!r} (class {x.classname!r}) resolves to "
+                        f"{os.path.normpath(x.impath)}, outside the dataset folder {self.dataset_dir}; image paths "
+                        f"must stay inside it: fix the split file {self.split_path or self.dataset_dir}")
+        return splits
 
     # ----------------------------------------------------------------------------------------------
     # reading
@@ -172,7 +192,7 @@ class DatasetBase:
         try:
             with open(filepath, encoding="utf-8") as f:
                 split = json.load(f)
-            return tuple(
+            splits = tuple(
                 [Datum(os.path.join(path_prefix, impath), int(label), clean_classname(cname))
                  for impath, label, cname in split[key]]
                 for key in ("train", "val", "test")
@@ -181,6 +201,12 @@ class DatasetBase:
             what = f"missing key {err}" if isinstance(err, KeyError) else " ".join(str(err).split())
             raise DatasetError(f"malformed split file {filepath}: expected a JSON object with 'train', 'val' "
                                f"and 'test' lists of [impath, label, classname] ({what})") from err
+        for key, items in zip(("train", "val", "test"), splits):
+            for (impath, _, _), x in zip(split[key], items):
+                if os.path.isabs(impath) or not _lexically_within(x.impath, path_prefix):
+                    raise DatasetError(f"split file {filepath}: {key} entry {impath!r} leaves the image folder "
+                                       f"{path_prefix} (absolute, or '..' past it); entries are paths inside it")
+        return splits
 
     subsample_classes = staticmethod(subsample_classes)  # CoOp's name: base/new split with relabelling
 

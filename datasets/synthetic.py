@@ -112,7 +112,10 @@ def main(argv=None):
     parser.add_argument("--val-per-class", type=int, default=4)
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    from engine.cli import require_at_least
+
+    args = require_at_least(parser.parse_args(argv), image_size=8, train_per_class=1, val_per_class=1,
+                            test_per_class=1, seed=0)
     path = generate_synthetic_shapes(args.root, args.image_size, args.train_per_class, args.val_per_class,
                                      args.test_per_class, args.seed)
     print(f"SyntheticShapes ready at {path} ({len(class_list())} classes)")

@@ -74,22 +74,76 @@ def atomic_write_text(text, path):
     return _atomic_write(path, lambda f: f.write(text), binary=False)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """``torch.load`` of a checkpoint this harness wrote; a truncated or corrupt file is a
-    ``CheckpointError`` naming it and saying what to do."""
+def numpy_rng_state_to_plain(state):
+    """``np.random.get_state()`` as plain types and a tensor (a checkpoint loads with ``weights_only=True``)."""
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, cached = state
+    return (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def numpy_rng_state_from_plain(state):
+    """Inverse of ``numpy_rng_state_to_plain``; a legacy state holding a numpy array passes unchanged."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = state
+    keys = keys.numpy() if hasattr(keys, "numpy") else np.asarray(keys)
+    return (name, keys.astype(np.uint32), pos, has_gauss, cached)
+
+
+def _numpy_safe_globals():
+    """Data-only numpy reconstructors, so that checkpoints written before the RNG state was stored as a tensor
+    (a numpy array inside) still load with ``weights_only=True``."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    found = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    found += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)]
+    return found
+
+
+def _short(err):
+    return " ".join(str(err).split()).split(". ")[0][:160]
+
+
+def safe_torch_load(path, map_location="cpu", what="file"):
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only; never runs a
+    pickled payload. Anything else, and a truncated or corrupt file, is a ``CheckpointError`` naming ``path``."""
     import pickle
     import zipfile
 
     import torch
 
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, AttributeError) as err:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({' '.join(str(err).split()).split('. ')[0][:160]}); delete it to "
-            f"resume from the previous epoch's checkpoint (or from scratch), or point --model-dir / "
-            f"--load-epoch at an intact one") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower() or "weights_only" in str(err):
+            raise CheckpointError(
+                f"{what} {path} holds objects other than tensors and plain data (refused: loading it could run "
+                f"code); use a file written by this harness") from err
+        raise CheckpointError(f"{what} {path} is truncated or corrupt ({_short(err)})") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, AttributeError, ValueError, KeyError, IndexError,
+            TypeError) as err:
+        raise CheckpointError(f"{what} {path} is truncated or corrupt ({_short(err)})") from err
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint this harness wrote, loaded with ``weights_only=True`` (trainable state, optimizer and
+    scheduler dicts, RNG states: tensors and plain data). A truncated, corrupt or foreign file is a
+    ``CheckpointError`` naming it and saying what to do."""
+    hint = ("delete it to resume from the previous epoch's checkpoint (or from scratch), or point --model-dir / "
+            "--load-epoch at an intact one")
+    try:
+        ckpt = safe_torch_load(path, map_location=map_location, what="checkpoint")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {hint}") from err.__cause__
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of this harness (no 'state_dict'); delete it or "
                               f"point --model-dir at a run folder of train.py")
+    for key in ("optimizer", "scheduler", "extra", "rng", "history", "scaler"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            raise CheckpointError(f"{path} is not a checkpoint of this harness ('{key}' is a "
+                                  f"{type(ckpt[key]).__name__}, not a mapping); {hint}")
     return ckpt

@@ -22,6 +22,18 @@ class UserError(Exception):
 EXPECTED_ERRORS = (UserError, OSError, ValueError)
 
 
+def require_at_least(args, **lows):
+    """Raise a one-line ``UserError`` naming the option when a parsed argparse value is below its minimum:
+    ``require_at_least(args, eval_every=1, threads=1)`` checks ``--eval-every`` and ``--threads``; a list value
+    (``nargs``) is checked item by item."""
+    for name, low in lows.items():
+        value = getattr(args, name)
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if item is not None and item < low:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {item}")
+    return args
+
+
 def debug_requested(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")

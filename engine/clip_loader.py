@@ -3,10 +3,12 @@
 Nothing here downloads. A missing weights file is an error that lists every place looked in.
 """
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
+from engine.checkpoint import CheckpointError, safe_torch_load
 from engine.compat import import_clip
 from engine.config import ConfigError
 
@@ -87,14 +89,48 @@ def build_random_clip(name):
     return model.float()
 
 
+def read_clip_state_dict(path):
+    """The state dict of a CLIP weights file: an OpenAI TorchScript archive (its tensors only; none of its code is
+    run) or a ``torch.save``d state dict read with ``weights_only=True``. A truncated, corrupt or untrusted file is a
+    one-line ``ConfigError`` naming it."""
+    fix = ("replace it with an intact copy (`bash scripts/prepare_data.sh --weights NAME` fetches OpenAI's files) "
+           "or point MODEL.BACKBONE.PATH / " + WEIGHTS_ENV + " at one")
+    try:
+        # clip.load tries the TorchScript archive first too; an archive's code is TorchScript, never Python
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated", category=DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except (RuntimeError, ValueError):
+        pass  # not a TorchScript archive: a plain state dict, or a broken file
+    try:
+        state = safe_torch_load(str(path), map_location="cpu", what="CLIP weights file")
+    except CheckpointError as err:
+        raise ConfigError(f"{err}; {fix}") from err.__cause__
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"CLIP weights file {path} does not hold a state dict of tensors; {fix}")
+    return state
+
+
+def build_clip_from_file(path):
+    """``clip.load(path, device="cpu", jit=False)`` (float32) through ``read_clip_state_dict``."""
+    state = read_clip_state_dict(path)
+    try:
+        model = import_clip().model.build_model(state)
+    except (KeyError, IndexError, RuntimeError, ValueError, AttributeError) as err:
+        detail = " ".join(str(err).split())[:160]
+        raise ConfigError(f"CLIP weights file {path} does not hold a CLIP model's weights ({type(err).__name__}: "
+                          f"{detail}); point MODEL.BACKBONE.PATH / {WEIGHTS_ENV} at OpenAI's file for "
+                          f"the backbone") from err
+    return model.to("cpu").float()
+
+
 def load_clip(name, explicit_path=""):
     """Return a float32 CLIP model on the CPU with every parameter frozen."""
     if name in RANDOM_ARCHS:
         model = build_random_clip(name)
     else:
         path = resolve_weights_path(name, explicit_path)
-        model, _ = import_clip().load(str(path), device="cpu", jit=False)
-        model = model.float()
+        model = build_clip_from_file(path)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -24,11 +24,46 @@ WARMUP_TYPES = ("constant", "linear")
 SUBSAMPLE_CHOICES = ("all", "base", "new")
 IMB_PROFILES = ("exp", "step")
 LOSSES = ("ce", "la")
+FINAL_MODELS = ("last_step", "best_val")  # TEST.FINAL_MODEL, Dassl's meaning (engine/trainer.py)
 # Names of INPUT.TRANSFORMS understood by engine/data.py (the ones CoOp / CoCoOp / MaPLe configs use, plus a
 # few common Dassl ones).
 KNOWN_TRANSFORMS = ("random_resized_crop", "random_crop", "random_flip", "center_crop", "normalize",
                     "colorjitter", "randomgrayscale", "gaussian_blur")
 INTERPOLATION_NAMES = ("bilinear", "bicubic", "nearest")
+PRECISIONS = ("fp32", "fp16", "amp", "bf16")  # TRAINER.<NAME>.PREC (engine/trainer.py)
+# (vision blocks, text blocks) of every backbone clip_loader knows, so that layer indices are checked at config
+# time, before any weights load (tests/test_declared_keys.py checks this table against clip_loader's archs).
+# ResNet backbones have no vision blocks: only text-side indices are checked for them.
+BACKBONE_DEPTHS = {
+    "ViT-B/32": (12, 12), "ViT-B/16": (12, 12), "ViT-L/14": (24, 12), "ViT-L/14@336px": (24, 12),
+    "RN50": (None, 12), "RN101": (None, 12), "RN50x4": (None, 12), "RN50x16": (None, 12), "RN50x64": (None, 12),
+    "tiny": (12, 12), "tiny-world": (12, 12), "ViT-B/16-random": (12, 12), "ViT-B/32-random": (12, 12),
+}
+
+# Dassl keys of the base config that no code here reads (other Dassl trainers, samplers, heads, evaluators).
+# Kept so that Dassl configs load; a value other than the default is refused, naming the key (issue 18 §4).
+INERT_KEYS = (
+    "VERSION", "VERBOSE",
+    "INPUT.CUTOUT_N", "INPUT.CUTOUT_LEN", "INPUT.GN_MEAN", "INPUT.GN_STD", "INPUT.RANDAUGMENT_N",
+    "INPUT.RANDAUGMENT_M",
+    "DATASET.SOURCE_DOMAINS", "DATASET.TARGET_DOMAINS", "DATASET.NUM_LABELED", "DATASET.VAL_PERCENT",
+    "DATASET.STL10_FOLD", "DATASET.CIFAR_C_TYPE", "DATASET.CIFAR_C_LEVEL", "DATASET.ALL_AS_UNLABELED",
+    "DATALOADER.K_TRANSFORMS", "DATALOADER.RETURN_IMG0", "DATALOADER.TRAIN_X.SAMPLER", "DATALOADER.TRAIN_X.N_DOMAIN",
+    "DATALOADER.TRAIN_X.N_INS", "DATALOADER.TRAIN_U.SAME_AS_X", "DATALOADER.TRAIN_U.SAMPLER",
+    "DATALOADER.TRAIN_U.BATCH_SIZE", "DATALOADER.TRAIN_U.N_DOMAIN", "DATALOADER.TRAIN_U.N_INS",
+    "DATALOADER.TEST.SAMPLER",
+    "MODEL.INIT_WEIGHTS", "MODEL.BACKBONE.PRETRAINED", "MODEL.HEAD.NAME", "MODEL.HEAD.HIDDEN_LAYERS",
+    "MODEL.HEAD.ACTIVATION", "MODEL.HEAD.BN", "MODEL.HEAD.DROPOUT",
+    "TRAIN.COUNT_ITER",
+    "TEST.EVALUATOR", "TEST.PER_CLASS_RESULT", "TEST.COMPUTE_CMAT", "TEST.NO_TEST", "TEST.SPLIT",
+)
+# INPUT parameters that only act through one of INPUT.TRANSFORMS: set to another value than the default while
+# that transform is not listed, they would change nothing, so they are refused.
+TRANSFORM_PARAMS = {
+    "COLORJITTER_B": "colorjitter", "COLORJITTER_C": "colorjitter", "COLORJITTER_S": "colorjitter",
+    "COLORJITTER_H": "colorjitter", "RGS_P": "randomgrayscale", "GB_P": "gaussian_blur", "GB_K": "gaussian_blur",
+    "CROP_PADDING": "random_crop", "RRCROP_SCALE": "random_resized_crop",
+}
 
 _CONFIG_EXTENSIONS = []
 _CONFIG_ALIASES = []  # (old key or section, new key or section, trainer name or None)
@@ -228,6 +263,229 @@ def _base_defaults():
     return _C
 
 
+# ------------------------------------------------------------------------------- declared trainer keys
+
+_DECLARED = {}  # "TRAINER.MMLOP" -> (rules {key: Rule}, relations [fn(section, cfg) -> message or None], module)
+
+
+class Rule:
+    """The valid values of one declared key. ``problem(value, cfg)`` returns what is wrong (a phrase such as
+    "must be >= 1") or None; ``bad_examples(cfg)`` gives values outside the range (for the tests)."""
+
+    def problem(self, value, cfg):
+        return None
+
+    def bad_examples(self, cfg):
+        return []
+
+
+class Int(Rule):
+    """An integer in [low, high] (either end may be None)."""
+
+    def __init__(self, low=None, high=None, also=()):
+        self.low, self.high, self.also = low, high, tuple(also)
+
+    def problem(self, value, cfg):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer"
+        if value in self.also:
+            return None
+        if self.low is not None and value < self.low:
+            return f"must be >= {self.low}" + (f" (or {' / '.join(map(str, self.also))})" if self.also else "")
+        if self.high is not None and value > self.high:
+            return f"must be <= {self.high}"
+        return None
+
+    def bad_examples(self, cfg):
+        out = [] if self.low is None else [v for v in (self.low - 1, self.low - 25) if v not in self.also][:1]
+        return out + ([] if self.high is None else [self.high + 1])
+
+
+class Float(Rule):
+    """A number in [low, high]; ``open_low`` / ``open_high`` exclude the ends."""
+
+    def __init__(self, low=None, high=None, open_low=False, open_high=False, also=()):
+        self.low, self.high, self.open_low, self.open_high, self.also = low, high, open_low, open_high, tuple(also)
+
+    def problem(self, value, cfg):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        if value != value:
+            return "must be a number (got nan)"
+        if value in self.also:
+            return None
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        if low_ok and high_ok:
+            return None
+        lo = "" if self.low is None else ("(" if self.open_low else "[") + f"{self.low}, "
+        hi = "" if self.high is None else f"{self.high}" + (")" if self.open_high else "]")
+        if self.high is None:
+            text = f"must be {'>' if self.open_low else '>='} {self.low}"
+        elif self.low is None:
+            text = f"must be {'<' if self.open_high else '<='} {self.high}"
+        else:
+            text = f"must be in {lo}{hi}"
+        return text + (f" (or {' / '.join(map(str, self.also))})" if self.also else "")
+
+    def bad_examples(self, cfg):
+        out = []
+        if self.low is not None:
+            out.append(self.low if self.open_low else self.low - 1.0)
+            out.append(self.low - 25.0)
+        if self.high is not None:
+            out.append(self.high if self.open_high else self.high + 0.5)
+        return [v for v in out if v not in self.also]
+
+
+class Bool(Rule):
+    def problem(self, value, cfg):
+        return None if isinstance(value, bool) else "must be True or False"
+
+
+class Str(Rule):
+    """Free text (a prompt phrase, for example)."""
+
+    def problem(self, value, cfg):
+        return None if isinstance(value, str) else "must be a string"
+
+
+class Choice(Rule):
+    def __init__(self, *choices):
+        self.choices = tuple(choices)
+
+    def problem(self, value, cfg):
+        return None if value in self.choices else f"must be one of {list(self.choices)}"
+
+    def bad_examples(self, cfg):
+        return ["no_such_choice"]
+
+
+def _depth(cfg, tower):
+    """Number of blocks of the configured backbone on ``tower`` ("vision", "text" or "both": the smaller), or
+    None when the backbone is not in BACKBONE_DEPTHS (it is then checked once the model is built)."""
+    vision, text = BACKBONE_DEPTHS.get(cfg.MODEL.BACKBONE.NAME, (None, None))
+    if tower == "text":
+        return text
+    if tower == "vision":
+        return vision
+    return None if vision is None or text is None else min(vision, text)
+
+
+class Block(Rule):
+    """A block index (1-indexed) of the backbone's ``tower``; ``depth`` True: a number of blocks (same range)."""
+
+    def __init__(self, tower="both"):
+        self.tower = tower
+
+    def problem(self, value, cfg):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer block index"
+        n = _depth(cfg, self.tower)
+        if value < 1 or (n is not None and value > n):
+            return f"must be in 1..{n if n is not None else 'depth'} (blocks of backbone {cfg.MODEL.BACKBONE.NAME})"
+        return None
+
+    def bad_examples(self, cfg):
+        return [0, (_depth(cfg, self.tower) or 12) + 1]
+
+
+class Blocks(Rule):
+    """A list of distinct block indices (1-indexed) of the backbone's ``tower``; ``empty_ok``: [] allowed."""
+
+    def __init__(self, tower="both", empty_ok=False):
+        self.tower, self.empty_ok = tower, empty_ok
+
+    def problem(self, value, cfg):
+        if not isinstance(value, (list, tuple)):
+            return "must be a list of block indices"
+        if not value:
+            return None if self.empty_ok else "must name at least one block"
+        n = _depth(cfg, self.tower)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            return "must be a list of integer block indices"
+        if len(set(value)) != len(value):
+            return "must not repeat a block"
+        if min(value) < 1 or (n is not None and max(value) > n):
+            return f"must be distinct block indices in 1..{n if n is not None else 'depth'} (backbone {cfg.MODEL.BACKBONE.NAME})"
+        return None
+
+    def bad_examples(self, cfg):
+        n = _depth(cfg, self.tower) or 12
+        return [[0], [1, n + 1], [2, 2]] + ([] if self.empty_ok else [[]])
+
+
+class PerDataset(Rule):
+    """A list of "DatasetName:value" entries whose values pass ``value_rule``."""
+
+    def __init__(self, value_rule):
+        self.value_rule = value_rule
+
+    def problem(self, value, cfg):
+        if not isinstance(value, (list, tuple)):
+            return "must be a list of 'DatasetName:value' entries"
+        for entry in value:
+            name, sep, raw = str(entry).rpartition(":")
+            if not sep or not name:
+                return f"entries must look like 'DatasetName:value', got {entry!r}"
+            try:
+                number = ast.literal_eval(raw.strip())
+            except (ValueError, SyntaxError):
+                return f"entry {entry!r} has no number after ':'"
+            why = self.value_rule.problem(number, cfg)
+            if why:
+                return f"entry {entry!r}: the value {why}"
+        return None
+
+    def bad_examples(self, cfg):
+        return [["no colon"], ["*:"]] + [[f"*:{v}"] for v in self.value_rule.bad_examples(cfg)[:1]]
+
+
+def declare_keys(cfg, section, relations=(), **rules):
+    """Declare the valid values of every key of ``section`` (e.g. "TRAINER.MMLOP"), next to the defaults in the
+    trainer's ``@register_config`` function; ``build_cfg`` checks them before CLIP loads, naming the key, the
+    value and the trainer module. ``relations`` are checks across keys: ``fn(section_node, cfg)`` returning
+    None or a message that starts with a key of the section (the section is prefixed). Every key of the section must be declared."""
+    node = cfg
+    for part in section.split("."):
+        node = node[part]
+    missing = [k for k in node if k not in rules and not isinstance(node[k], CN)]
+    unknown = [k for k in rules if k not in node]
+    if missing or unknown:
+        raise RuntimeError(f"declare_keys({section}): undeclared keys {missing}, declared keys that do not exist "
+                           f"{unknown}")
+    module = sys._getframe(1).f_globals.get("__name__", "?")
+    _DECLARED[section] = (dict(rules), list(relations), module)
+
+
+def declared_sections():
+    """{section: (rules, relations, module)} of every ``declare_keys`` call so far (for tests and docs)."""
+    return dict(_DECLARED)
+
+
+def check_declared(cfg):
+    """Check every declared key against its rule, and each section's relations; the first failure is a
+    ``ConfigError`` naming the key, the value and where the rule is declared."""
+    for section, (rules, relations, module) in _DECLARED.items():
+        node = cfg
+        try:
+            for part in section.split("."):
+                node = node[part]
+        except KeyError:
+            continue
+        where = module.replace(".", "/") + ".py"
+        for key, rule in rules.items():
+            if key not in node:
+                continue
+            why = rule.problem(node[key], cfg)
+            if why:
+                raise ConfigError(f"{section}.{key} {why}, got {node[key]!r} (declared in {where})")
+        for relation in relations:
+            why = relation(node, cfg)
+            if why:
+                raise ConfigError(f"{section}.{why} (declared in {where})")
+
+
 def get_cfg_default():
     """A fresh default config, including every section registered with ``register_config``."""
     cfg = _base_defaults()
@@ -302,16 +560,25 @@ def _merge_dict(node, data, source, prefix=""):
             node[key] = _coerce(_decode(value), current, full_key, source)
 
 
+def load_yaml(path, what="yaml file"):
+    """``yaml.safe_load`` of a file (plain data only: no tag builds a Python object). A file that does not parse is
+    a one-line ``ConfigError`` naming it (and the line); an empty file is None."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+        raise ConfigError(f"cannot parse {what} {path}{where}: {' '.join(str(problem).split())}") from err
+
+
 def merge_from_file(cfg, path, trainer=None):
     """Merge a yaml file into ``cfg``; errors name the file and the full dotted key. Keys of official configs
     registered with ``register_config_alias`` are renamed first (``trainer``: the run's trainer name)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    data = load_yaml(path, "config file")
     if data is None:
         return cfg
     if not isinstance(data, dict):
@@ -397,6 +664,34 @@ def build_cfg(args):
     return cfg
 
 
+def _same(a, b):
+    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    return norm(a) == norm(b)
+
+
+def check_inert(cfg):
+    """Refuse a value other than the default for the keys no code here reads (INERT_KEYS), for transform
+    parameters whose transform is not listed, and for RESUME pointing elsewhere than OUTPUT_DIR."""
+    defaults = _base_defaults()
+    for full_key in INERT_KEYS:
+        node, default = cfg, defaults
+        for part in full_key.split("."):
+            node, default = node[part], default[part]
+        if not _same(node, default):
+            raise ConfigError(f"{full_key} is a Dassl key that no method of this harness reads, so {node!r} would "
+                              f"change nothing; remove it (or set its default {default!r})")
+    inp = cfg.INPUT
+    if not inp.NO_TRANSFORM:
+        for key, transform in TRANSFORM_PARAMS.items():
+            if not _same(inp[key], defaults.INPUT[key]) and transform not in inp.TRANSFORMS:
+                raise ConfigError(f"INPUT.{key} {inp[key]!r} acts through the {transform} transform, which "
+                                  f"INPUT.TRANSFORMS {list(inp.TRANSFORMS)} does not list; add it or remove INPUT.{key}")
+    if cfg.RESUME and os.path.abspath(os.path.expanduser(cfg.RESUME)) != os.path.abspath(
+            os.path.expanduser(cfg.OUTPUT_DIR)):
+        raise ConfigError(f"RESUME / --resume {cfg.RESUME}: a run resumes from its own --output-dir "
+                          f"({cfg.OUTPUT_DIR}); pass --output-dir {cfg.RESUME} to continue that run")
+
+
 def validate_cfg(cfg):
     """Reject impossible settings with a message naming the key, the value and what is expected."""
 
@@ -459,6 +754,7 @@ def validate_cfg(cfg):
         if not 0 < d[key] < 1:
             raise ConfigError(f"DATASET.{key} must be strictly between 0 and 1, got {d[key]}")
     choice("TRAINER.LOSS", cfg.TRAINER.LOSS, LOSSES)
+    choice("TEST.FINAL_MODEL", cfg.TEST.FINAL_MODEL, FINAL_MODELS)
     if cfg.TRAINER.LA_TAU < 0:
         raise ConfigError(f"TRAINER.LA_TAU must be >= 0, got {cfg.TRAINER.LA_TAU}")
     if o.MAX_EPOCH < 1:
@@ -470,6 +766,16 @@ def validate_cfg(cfg):
     choice("OPTIM.NAME", o.NAME, OPTIMIZERS)
     choice("OPTIM.LR_SCHEDULER", o.LR_SCHEDULER, LR_SCHEDULERS)
     choice("OPTIM.WARMUP_TYPE", o.WARMUP_TYPE, WARMUP_TYPES)
+    check_declared(cfg)
+    check_inert(cfg)
+    if isinstance(inp.GB_K, bool) or not isinstance(inp.GB_K, int) or inp.GB_K < 1 or inp.GB_K % 2 == 0:
+        raise ConfigError(f"INPUT.GB_K (the gaussian_blur kernel size) must be an odd integer >= 1, got {inp.GB_K!r}")
+    for key in ("GB_P", "RGS_P"):
+        between(f"INPUT.{key}", inp[key], 0, 1, "a probability in [0, 1]")
+    for key in ("COLORJITTER_B", "COLORJITTER_C", "COLORJITTER_S"):
+        at_least(f"INPUT.{key}", inp[key], 0)
+    between("INPUT.COLORJITTER_H", inp.COLORJITTER_H, 0, 0.5, "in [0, 0.5]")
+    at_least("INPUT.CROP_PADDING", inp.CROP_PADDING, 0)
     if o.WARMUP_EPOCH >= o.MAX_EPOCH:
         raise ConfigError(
             f"OPTIM.WARMUP_EPOCH ({o.WARMUP_EPOCH}) covers every epoch (OPTIM.MAX_EPOCH {o.MAX_EPOCH}): the run would "

@@ -66,11 +66,12 @@ def build_transform(cfg, is_train):
     if "random_flip" in choices:
         tfms.append(T.RandomHorizontalFlip())
     if "colorjitter" in choices:
-        tfms.append(T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1))
+        tfms.append(T.ColorJitter(brightness=inp.COLORJITTER_B, contrast=inp.COLORJITTER_C,
+                                  saturation=inp.COLORJITTER_S, hue=inp.COLORJITTER_H))
     if "randomgrayscale" in choices:
-        tfms.append(T.RandomGrayscale(p=0.2))
-    if "gaussian_blur" in choices:
-        tfms.append(T.RandomApply([T.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=0.5))
+        tfms.append(T.RandomGrayscale(p=inp.RGS_P))
+    if "gaussian_blur" in choices:  # Dassl: GaussianBlur(INPUT.GB_K) with torchvision's default sigma (0.1, 2.0)
+        tfms.append(T.RandomApply([T.GaussianBlur(kernel_size=inp.GB_K, sigma=(0.1, 2.0))], p=inp.GB_P))
     return T.Compose(tfms + [T.ToTensor()] + normalize)
 
 

@@ -454,8 +454,10 @@ class PromptedCLIP(nn.Module):
         """Output of the first ``n_blocks`` prompt-free text blocks, cached by tokens (LRU, ``cache_bytes``)."""
         key = None
         if self.cache_text_prefix:
-            key = (n_blocks, shared, tuple(tokens.shape), str(tokens.device), self.dtype,
-                   torch.is_autocast_enabled(tokens.device.type), hash(tokens.cpu().numpy().tobytes()))
+            device_type = tokens.device.type
+            autocast = torch.is_autocast_enabled(device_type)  # and its dtype: an fp16 prefix never serves bf16
+            key = (n_blocks, shared, tuple(tokens.shape), str(tokens.device), self.dtype, autocast,
+                   torch.get_autocast_dtype(device_type) if autocast else None, hash(tokens.cpu().numpy().tobytes()))
             hit = self._text_cache.get(key)
             if hit is not None:
                 self._text_cache.move_to_end(key)

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.cli import UserError
-from engine.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
+from engine.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint,
+                               numpy_rng_state_from_plain, numpy_rng_state_to_plain)
 from engine.clip_loader import load_clip
-from engine.config import ConfigError, dump_cfg
+from engine.config import PRECISIONS, ConfigError, dump_cfg  # noqa: F401  (PRECISIONS: re-exported)
 from engine.data import DataManager
 from engine.losses import logit_adjusted_ce
 from engine.metrics import compute_metrics
@@ -33,7 +34,7 @@ from engine.optim import build_lr_scheduler, build_optimizer
 from engine.prompted_clip import PromptedCLIP
 
 CKPT_PREFIX = "model.pth.tar-"
-PRECISIONS = ("fp32", "fp16", "amp", "bf16")
+BEST_CKPT = "model-best.pth.tar"  # TEST.FINAL_MODEL best_val: the trainable state of the best val epoch (Dassl's name)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,6 +98,7 @@ class TrainerX:
         set_random_seed(self.seed)
         self.max_epoch = cfg.OPTIM.MAX_EPOCH
         self.epoch = 0
+        self.val_history, self.loaded_best = [], None  # TEST.FINAL_MODEL best_val
         self._models = OrderedDict()
         self._optims = OrderedDict()
         self._scheds = OrderedDict()
@@ -245,11 +247,13 @@ class TrainerX:
                 "epoch": epoch,
                 "optimizer": self._optims[name].state_dict() if self._optims[name] is not None else None,
                 "scheduler": self._scheds[name].state_dict() if self._scheds[name] is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state_to_plain(np.random.get_state()),
+                        "python": random.getstate()},
                 "extra": self.extra_checkpoint_state(),
-                "history": {"epoch_losses": list(getattr(self, "epoch_losses", [])),
-                            "train_time": getattr(self, "train_time", 0.0)},
+                "history": self._history(),
             }
+            if self.scaler is not None:  # fp16 loss scale and its growth counter: a resume continues with them
+                ckpt["scaler"] = self.scaler.state_dict()
             folder = self.checkpoint_dir(name)
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{CKPT_PREFIX}{epoch}")
@@ -260,6 +264,12 @@ class TrainerX:
                 old_epoch = int(old.name[len(CKPT_PREFIX):])
                 if old_epoch < epoch and not (freq > 0 and old_epoch % freq == 0):
                     old.unlink()
+
+    def _history(self):
+        history = {"epoch_losses": list(getattr(self, "epoch_losses", [])), "train_time": getattr(self, "train_time", 0.0)}
+        if self.uses_best_val():
+            history["val_accuracy"] = list(self.val_history)
+        return history
 
     def extra_checkpoint_state(self):
         """Trainer state outside the registered modules that a resume needs (override if any)."""
@@ -286,8 +296,13 @@ class TrainerX:
             folder = self.checkpoint_dir(name, model_dir)
             if epoch is not None and epoch >= 0:
                 path = os.path.join(folder, f"{CKPT_PREFIX}{epoch}")
+            elif self.uses_best_val():  # Dassl: --eval-only with best_val deploys model-best.pth.tar
+                path = os.path.join(folder, BEST_CKPT)
             else:
                 path = self.latest_checkpoint(folder) if os.path.isdir(folder) else None
+            if path and os.path.basename(path) == BEST_CKPT and not os.path.isfile(path) and os.path.isdir(folder):
+                raise RunError(f"TEST.FINAL_MODEL best_val deploys {path}, which is not there (was {model_dir} "
+                               f"trained with best_val?); pass --load-epoch N or TEST.FINAL_MODEL last_step")
             if not path or not os.path.isfile(path):
                 raise RunError(f"no checkpoint for '{name}' at {path or folder}: train first "
                                f"(--eval-only never trains) or pass the right --model-dir / --load-epoch")
@@ -297,6 +312,8 @@ class TrainerX:
             except RuntimeError as err:  # size mismatch / missing keys: a run of another config
                 raise RunError(self._mismatch_message(model_dir, path, err)) from err
             self.load_extra_checkpoint_state(ckpt.get("extra") or {})
+            if os.path.basename(path) == BEST_CKPT:
+                self.loaded_best = (ckpt["epoch"], ckpt.get("val_accuracy"))
             self.log(f"Loaded {name} from {path} (epoch {ckpt['epoch']})")
 
     def _mismatch_message(self, model_dir, path, err):
@@ -318,20 +335,28 @@ class TrainerX:
             if path is None:
                 return 0
             ckpt = load_checkpoint(path, map_location=self.device)
-            model.load_state_dict(ckpt["state_dict"])
-            if ckpt["optimizer"] is not None and self._optims[name] is not None:
-                self._optims[name].load_state_dict(ckpt["optimizer"])
-            if ckpt["scheduler"] is not None and self._scheds[name] is not None:
-                self._scheds[name].load_state_dict(ckpt["scheduler"])
+            try:
+                model.load_state_dict(ckpt["state_dict"])
+                if ckpt.get("optimizer") is not None and self._optims[name] is not None:
+                    self._optims[name].load_state_dict(ckpt["optimizer"])
+                if ckpt.get("scheduler") is not None and self._scheds[name] is not None:
+                    self._scheds[name].load_state_dict(ckpt["scheduler"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as err:
+                raise RunError(f"cannot resume from {path}: it does not fit this run's {name} "
+                               f"({' '.join(str(err).split())[:200]}); delete it to resume from the previous "
+                               f"epoch (or from scratch)") from err
             rng = ckpt.get("rng")
             if rng:
                 torch.set_rng_state(rng["torch"])
-                np.random.set_state(rng["numpy"])
+                np.random.set_state(numpy_rng_state_from_plain(rng["numpy"]))
                 random.setstate(rng["python"])
+            if ckpt.get("scaler") and self.scaler is not None:
+                self.scaler.load_state_dict(ckpt["scaler"])
             self.load_extra_checkpoint_state(ckpt.get("extra") or {})
             history = ckpt.get("history") or {}
             self.epoch_losses = list(history.get("epoch_losses", []))
             self.train_time = history.get("train_time", 0.0)
+            self.val_history = list(history.get("val_accuracy", []))
             start = ckpt["epoch"] + 1
         if start:
             self.log(f"Resuming from {self.output_dir}: epoch {start} of {self.max_epoch} already done")
@@ -346,7 +371,10 @@ class TrainerX:
             raise RunError(f"{self.output_dir} already holds a finished run (results.json); "
                            f"choose another --output-dir or delete that folder yourself")
         self.write_run_files()
-        self.epoch_losses, self.train_time = [], 0.0
+        self.epoch_losses, self.train_time, self.val_history = [], 0.0, []
+        if self.uses_best_val() and self.dm.val_loader is None:
+            raise ConfigError(f"TEST.FINAL_MODEL best_val needs a val split, and {self.cfg.DATASET.NAME} has none here; "
+                              "use TEST.FINAL_MODEL last_step")
         start = self.resume_if_possible() if self.count_trainable_parameters() else self.max_epoch
         if start < self.max_epoch:
             self.before_train(resumed=start > 0)
@@ -391,11 +419,68 @@ class TrainerX:
             if sched is not None:
                 sched.step()
         self.log(f"epoch {self.epoch + 1} done: mean loss {self.epoch_losses[-1]:.4f}")
+        if self.uses_best_val():
+            self.track_best_val()
         self.save_checkpoint(self.epoch)
 
     def after_train(self):
+        if self.uses_best_val():
+            self.load_best_val()
         results = self.evaluate_all()
         self.write_results(results)
+
+    # ---- TEST.FINAL_MODEL best_val (Dassl): val after each epoch, the best epoch's model is tested
+    def uses_best_val(self):
+        return self.cfg.TEST.FINAL_MODEL == "best_val"
+
+    def val_accuracy(self):
+        """Accuracy on the val split with the current weights (Dassl's ``test(split="val")``)."""
+        return self.test(self.dm.val_loader, desc="val")["accuracy"]
+
+    def best_val_epoch(self):
+        """(0-based epoch, val accuracy) of the best epoch so far (the first of equals, as Dassl's strict >)."""
+        if not self.val_history:
+            return None, None
+        best = max(range(len(self.val_history)), key=lambda i: (self.val_history[i], -i))
+        return best, self.val_history[best]
+
+    def track_best_val(self):
+        accuracy = float(self.val_accuracy())
+        previous, best = self.best_val_epoch()
+        self.val_history.append(accuracy)
+        if previous is None or accuracy > best:
+            for name, model in self._models.items():
+                folder = self.checkpoint_dir(name)
+                os.makedirs(folder, exist_ok=True)
+                atomic_torch_save({"state_dict": self._trainable_state(model), "epoch": self.epoch,
+                                   "extra": self.extra_checkpoint_state(), "val_accuracy": accuracy},
+                                  os.path.join(folder, BEST_CKPT))
+            self.log(f"val accuracy {accuracy:.2f}: best so far (epoch {self.epoch + 1}), saved {BEST_CKPT}")
+        else:
+            self.log(f"val accuracy {accuracy:.2f} (best {best:.2f} at epoch {previous + 1})")
+
+    def load_best_val(self):
+        epoch, accuracy = self.best_val_epoch()
+        if epoch is None:
+            return
+        for name, model in self._models.items():
+            path = os.path.join(self.checkpoint_dir(name), BEST_CKPT)
+            ckpt = load_checkpoint(path, map_location=self.device)
+            if ckpt["epoch"] != epoch:
+                raise RunError(f"{path} holds epoch {ckpt['epoch'] + 1}, but the val history names epoch {epoch + 1} "
+                               f"as the best; delete {self.output_dir} and train again")
+            model.load_state_dict(ckpt["state_dict"])
+            self.load_extra_checkpoint_state(ckpt.get("extra") or {})
+        self.log(f"TEST.FINAL_MODEL best_val: testing the model of epoch {epoch + 1} (val accuracy {accuracy:.2f})")
+
+    def final_model_record(self):
+        """results.json's ``final_model`` (only with TEST.FINAL_MODEL best_val; last_step runs keep their
+        results.json as before)."""
+        if not self.uses_best_val():
+            return {}
+        epoch, accuracy = self.best_val_epoch() if self.val_history else (self.loaded_best or (None, None))
+        return {"final_model": {"mode": "best_val", "epoch": None if epoch is None else epoch + 1,
+                                "val_accuracy": accuracy, "val_accuracy_per_epoch": list(self.val_history)}}
 
     # ---- evaluation
     def eval_head_labels(self):
@@ -462,6 +547,7 @@ class TrainerX:
             "finished": datetime.datetime.now().isoformat(timespec="seconds"),
             "results": results,
         }
+        payload.update(self.final_model_record())
         payload.update(self.extra_results())
         atomic_write_json(payload, self.results_path())
         self.log(f"Results written to {self.results_path()}")

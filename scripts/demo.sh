@@ -14,6 +14,9 @@
 # configs/tables/demo.yaml (or run python -m tools.tables on a spec of your own).
 # usage: bash scripts/demo.sh
 set -euo pipefail
+read -r -a demo_extra <<< "${DEMO_EXTRA:-}"
+(( ${#demo_extra[@]} % 2 == 0 )) \
+  || { echo "error: DEMO_EXTRA must be KEY VALUE pairs, got an odd number of words: '${DEMO_EXTRA:-}'" >&2; exit 2; }
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
 DEMO_OUTPUT="${DEMO_OUTPUT:-$REPO/output/demo}"

@@ -38,16 +38,22 @@ check_int() {  # name value
 }
 
 cfg_tag() {  # folder name of the config: CFG (+ _la) (+ the variant tag of EXTRA, or _$TAG)
-  local name="$CFG" variant
+  local name="$CFG" variant words err
+  read -ra words <<< "$EXTRA"
+  (( ${#words[@]} % 2 == 0 )) \
+    || die "EXTRA must be KEY VALUE pairs, got an odd number of words (${#words[@]}): '$EXTRA'"
   [ "$LOSS" = "la" ] && name="${name}_la"
   if [ -n "$TAG" ]; then
     [[ "$TAG" =~ ^[A-Za-z0-9._+-]+$ ]] || die "TAG may hold letters, digits and . _ + - only, got '$TAG'"
     variant="_$TAG"
   else
+    err="$(mktemp)"
     # shellcheck disable=SC2086
     variant="$(PYTHONPATH="$REPO" "$PYTHON" -c \
-      'import sys; from engine.run_identity import run_tag; print(run_tag(sys.argv[1:]))' $EXTRA)" \
-      || die "cannot derive a folder tag from EXTRA='$EXTRA' (KEY VALUE pairs expected)"
+      'import sys; from engine.run_identity import run_tag; print(run_tag(sys.argv[1:]))' $EXTRA 2>"$err")" \
+      || { local why; why="$(tail -n 1 "$err")"; rm -f "$err"
+           die "cannot derive a folder tag from EXTRA='$EXTRA' (KEY VALUE pairs expected): $why"; }
+    rm -f "$err"
   fi
   echo "${name}${variant}"
 }

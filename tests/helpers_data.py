@@ -1,10 +1,47 @@
 """Test helpers: a yacs config with exactly the data keys the data pipeline reads, and data paths."""
+import os
 from pathlib import Path
 
+import pytest
 from yacs.config import CfgNode as CN
 
+# The shared folder next to the repository (real CoOp split, sources table, paper text, specs).
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 # The real CoOp split file shipped in the shared folder next to the repository.
-REAL_SPLIT = Path(__file__).resolve().parents[2] / "shared/data/splits/split_zhou_Caltech101.json"
+REAL_SPLIT = SHARED / "data/splits/split_zhou_Caltech101.json"
+# Set (to 1) in CI (.ci/run): a test that needs a file of the shared folder then fails loudly when the file is
+# missing, instead of skipping.
+REQUIRE_SHARED_ENV = "LTPL_REQUIRE_SHARED"
+
+
+def shared_required():
+    return os.environ.get(REQUIRE_SHARED_ENV, "") not in ("", "0")
+
+
+def require_shared(*paths):
+    """Skip the calling test when a file of ../shared is missing, or fail it (one clear line) when
+    LTPL_REQUIRE_SHARED=1, as in CI."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if not missing:
+        return
+    msg = (f"{', '.join(missing)} not found: this test needs the shared folder next to the repository "
+           f"({SHARED})")
+    if shared_required():
+        pytest.fail(f"{msg}; {REQUIRE_SHARED_ENV}=1 (CI) requires it", pytrace=False)
+    pytest.skip(msg)
+
+
+def needs_shared(*paths):
+    """Decorator form of ``require_shared`` (checked when the test runs, not when it is collected)."""
+    def deco(fn):
+        import functools
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            require_shared(*paths)
+            return fn(*args, **kwargs)
+        return wrapper
+    return deco
 
 
 def make_cfg(root, output_dir, **overrides):

@@ -146,3 +146,23 @@ def test_no_results_is_a_clear_message(tmp_path, capsys):
     assert "no results.json found" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_duplicate_results_that_differ_are_named_and_never_averaged_in(tree):
+    """Not a byte copy: the same seed twice with other numbers (a rerun into another folder). The first path
+    (sorted) is kept, the other is ignored, and the warning says the numbers differ."""
+    write_run(tree / "zz_rerun", "Caltech101", "base", 1, 10.0, 5.0, head=95.0, tail=88.0)
+    notes = []
+    rows = collect(str(tree), warn=notes.append)
+    row = next(r for r in rows if r["dataset"] == "Caltech101")
+    assert row["n_base"] == 2 and row["base_acc_mean"] == pytest.approx(92.0)  # (90 + 94) / 2: 10 ignored
+    assert row["base_f1_mean"] == pytest.approx(82.0)
+    note = next(n for n in notes if "duplicate seed 1" in n)
+    assert "DIFFER" in note and "accuracy 90.0 vs 10.0" in note and "zz_rerun" in note.split("ignoring")[1]
+    same = tree / "copy" / "seed1"
+    same.mkdir(parents=True)
+    (same / "results.json").write_text(
+        (tree / EXP / "train_base" / "caltech101" / "CoOp" / "vit_b16_lt" / "seed1" / "results.json").read_text())
+    notes = []
+    collect(str(tree), warn=notes.append)
+    assert any("duplicate seed 1" in n and "(same results)" in n for n in notes)

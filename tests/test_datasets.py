@@ -17,16 +17,19 @@ from datasets.base import DatasetBase, DatasetNotFoundError, Datum
 from datasets.synthetic import class_list, generate_synthetic_shapes
 from engine.data import DataManager, DatasetWrapper, build_transform
 from engine.registry import DATASET_REGISTRY
-from helpers_data import REAL_SPLIT, make_cfg
+from helpers_data import REAL_SPLIT, make_cfg, needs_shared
 from lt_sampling import exp_profile, manifest_hash
 
 REPO = Path(__file__).resolve().parents[1]
-needs_split = pytest.mark.skipif(not REAL_SPLIT.exists(), reason=f"real CoOp split file not found at {REAL_SPLIT}")
+needs_split = needs_shared(REAL_SPLIT)  # skips locally, fails in CI (LTPL_REQUIRE_SHARED=1) without ../shared
 
 
 @pytest.fixture
 def caltech_root(tmp_path):
     """A DATASET.ROOT holding only caltech-101/split_zhou_Caltech101.json (no images)."""
+    from helpers_data import require_shared
+
+    require_shared(REAL_SPLIT)
     root = tmp_path / "data"
     (root / "caltech-101").mkdir(parents=True)
     shutil.copy(REAL_SPLIT, root / "caltech-101" / REAL_SPLIT.name)
@@ -44,6 +47,9 @@ def lt(root, tmp_path, subsample="base", imb=10.0, seed=1, **kw):
 
 
 def raw_split():
+    from helpers_data import require_shared
+
+    require_shared(REAL_SPLIT)
     with open(REAL_SPLIT) as f:
         return json.load(f)
 
@@ -410,6 +416,9 @@ def test_check_data(synthetic_root, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
     assert check(tmp_path, "SyntheticShapes") == 1
     assert str(tmp_path / "synthetic_shapes") in capsys.readouterr().out
+    from helpers_data import require_shared
+
+    require_shared(REAL_SPLIT)
     if REAL_SPLIT.exists():
         (tmp_path / "caltech-101").mkdir()
         shutil.copy(REAL_SPLIT, tmp_path / "caltech-101")

@@ -170,3 +170,84 @@ def test_bench_reports_sequences_activation_bytes_and_an_estimate(tmp_path, caps
     assert "estimated peak for B=32, C=1000" in text
     seqs_part = 8 * 1000 * fig["activation_bytes_per_seq"]
     assert fig["estimated_peak_bytes"] > seqs_part  # plus the model, trainable state and per-image part
+
+
+def test_micro_batched_gradients_equal_the_whole_batch_with_unequal_parts(root, tmp_path):
+    """7 images, 2 per part (2 + 2 + 2 + 1): each part's loss must be weighted by its own share; compared on the
+    gradients themselves (Adam's normalised step would hide a wrong weighting)."""
+    grads = []
+    for opts in ([], ["TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD", "20"]):
+        torch.manual_seed(0)
+        t = build(root, tmp_path / str(len(opts)), *opts)
+        t.set_model_mode("train")
+        assert t.images_per_micro_batch(7) == (7 if not opts else 2)
+        t.forward_backward(batch(7))
+        grads.append({n: p.grad.clone() for n, p in t.lamp.named_parameters() if p.grad is not None})
+    whole, micro = grads
+    assert whole and set(whole) == set(micro)
+    for name, g in whole.items():
+        assert torch.allclose(g, micro[name], rtol=1e-4, atol=1e-7 * max(1.0, float(g.abs().max()))), name
+
+
+def test_selection_load_restarts_every_epoch(root, tmp_path):
+    """The running load (and its step count G) is per epoch: after one batch of a new epoch it is exactly that
+    batch's selection fractions, whatever the previous epoch selected."""
+    torch.manual_seed(0)
+    t = build(root, tmp_path)
+    t.set_model_mode("train")
+    t.epoch = 0
+    t.before_epoch()
+    for seed in (1, 2):
+        t.forward_backward(batch(4, seed=seed))
+    assert int(t.lamp.epoch_steps) == 2
+    t.epoch = 1
+    t.before_epoch()
+    t.forward_backward(batch(4, seed=3))
+    assert int(t.lamp.epoch_steps) == 1
+    for l, idx in t.lamp.indices.items():
+        frac = torch.nn.functional.one_hot(idx, t.lamp.cfg.POOL_SIZE).sum(1).float().mean(0)
+        assert torch.allclose(t.lamp.layer(l).load, frac), l
+
+
+def test_new_bias_adaptation_starts_from_the_trained_bias(root, tmp_path, monkeypatch):
+    """b_new starts as a copy of the training bias b (not from zero, not from a previous adaptation), moves
+    only by its own updates, and leaves b untouched."""
+    torch.manual_seed(0)
+    t = build(root, tmp_path, subsample="new")
+    with torch.no_grad():
+        for i, layer in enumerate(t.lamp.layers.values()):
+            layer.bias.copy_(torch.linspace(-1, 1, layer.bias.numel()) * (i + 1))
+            layer.bias_new.fill_(7.0)  # stale value of an earlier adaptation
+    trained = {l: layer.bias.clone() for l, layer in t.lamp.layers.items()}
+    updates = []
+    monkeypatch.setattr(t.lamp, "lbo_update", lambda gamma, use_new_bias=False: updates.append(use_new_bias))
+    t.adapt_new_bias()
+    assert updates and all(updates)  # every update of the pass went to b_new
+    for l, layer in t.lamp.layers.items():
+        assert torch.equal(layer.bias_new, trained[l]) and torch.equal(layer.bias, trained[l]), l
+
+
+def test_retrieval_under_bf16_autocast_keeps_the_fp32_order_on_near_tied_scores(root, tmp_path):
+    """Keys whose cosine scores differ by ~1e-4 (far below bf16's resolution near 1): the top-K chosen under
+    bf16 autocast is the fp32 one, and differs from what bf16 scores would choose."""
+    torch.manual_seed(0)
+    t = build(root, tmp_path)
+    lamp = t.lamp
+    l = lamp.layer_ids[0]
+    d = 64
+    query = torch.zeros(1, d)
+    query[0, 0] = 1.0
+    m = lamp.cfg.POOL_SIZE
+    keys = torch.zeros(m, d)
+    keys[:, 0] = 1.0
+    keys[:, 1] = torch.linspace(0.0, 0.03, m).flip(0)  # cos = 1 / sqrt(1 + s^2): strictly decreasing in s
+    with torch.no_grad():
+        lamp.layer(l).bias.zero_()
+        expected, _ = lamp.retrieve(lamp.layer(l), query, keys)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, _ = lamp.retrieve(lamp.layer(l), query.bfloat16(), keys.bfloat16())
+        sim_bf16 = (torch.nn.functional.normalize(query, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).t()
+                    ).bfloat16()
+    assert torch.equal(got, expected)
+    assert expected[0].tolist() == list(range(m - 1, m - 1 - lamp.k, -1))  # the smallest s first
+    assert len(set(sim_bf16[0].tolist())) < m  # bf16 itself would tie (so the test is about near ties)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from datasets.base import Datum
-from helpers_data import REAL_SPLIT
+from helpers_data import REAL_SPLIT, needs_shared
 from lt_sampling import (
     build_manifest,
     cap_per_class,
@@ -244,7 +244,7 @@ def _expected_lt_counts(split_file, shots, subsample, imb):
     return {str(y): min(capped[y], quota[y]) for y in sorted(capped)}
 
 
-@pytest.mark.skipif(not REAL_SPLIT.exists(), reason=f"real CoOp split file not found at {REAL_SPLIT}")
+@needs_shared(REAL_SPLIT)
 def test_cli_end_to_end(tmp_path):
     out = tmp_path / "manifest.json"
     cmd = [sys.executable, "-m", "lt_sampling", "--split-file", str(REAL_SPLIT), "--imb-factor", "10",

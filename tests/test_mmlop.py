@@ -200,7 +200,7 @@ def test_initialisation_switches(root, tmp_path):
 @pytest.mark.parametrize("opts, message", [
     (["TRAINER.MMLOP.DRIFT_CORRECTION", "always"], "DRIFT_CORRECTION must be one of"),
     (["TRAINER.MMLOP.PROMPT_DEPTH", "13"], "PROMPT_DEPTH must be in 1..12"),
-    (["TRAINER.MMLOP.RANK", "0"], "N_CTX and RANK must be >= 1"),
+    (["TRAINER.MMLOP.RANK", "0"], "TRAINER.MMLOP.RANK must be >= 1"),  # checked at config time (issue 18)
 ])
 def test_bad_settings_give_clear_errors(root, tmp_path, opts, message):
     with pytest.raises(ConfigError, match=message):

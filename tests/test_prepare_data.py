@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.helpers_data import REAL_SPLIT
+from tests.helpers_data import REAL_SPLIT, require_shared
 from tests.helpers_run import REPO, TINY
 from tools import prepare_data as pd
 from tools.check_data import check
@@ -221,9 +221,8 @@ def test_sources_table_matches_dataset_layout_and_shared_facts():
         if cls.split_file:  # the CoOp split file is fetched to exactly where the loader looks for it
             assert any(s.action == "copy" and s.dest == f"{info.folder}/{cls.split_file}" for s in rows), name
     caltech = row("caltech101", "split_zhou_Caltech101.json")
+    require_shared(REAL_SPLIT, SHARED_SOURCES)
     assert caltech.sha256 == sha(REAL_SPLIT.read_bytes()) and caltech.size == REAL_SPLIT.stat().st_size
-    if not SHARED_SOURCES.is_file():
-        pytest.skip("shared dataset_sources.tsv not present")
     ours = {(s.dataset, s.file): s.url for s in sources}
     for line in SHARED_SOURCES.read_text().splitlines():
         if line.startswith("#") or line.startswith("dataset\t"):
@@ -445,6 +444,7 @@ def caltech_archive():
 
 
 def test_split_with_wrong_sha256_is_refused(server, tmp_path, monkeypatch):
+    require_shared(REAL_SPLIT)
     real = REAL_SPLIT.read_bytes()
     src = row("caltech101", "split_zhou_Caltech101.json")
     mirror = {row("caltech101", "101_ObjectCategories.tar.gz").url: server.serve("c1/a.tar.gz", caltech_archive()),
@@ -691,3 +691,74 @@ def test_weights_download_with_clip_downloader(server, tmp_path, monkeypatch, ca
     assert len(server.log) == before and f"already at {weights / 'ViT-B-16.pt'}" in cap.out
     with pytest.raises(pd.PrepareError, match="unknown CLIP model 'ViT-X'"):
         run(["--weights", "ViT-X"])
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 18: one run per root; a failed extraction never leaves an archive recorded as verified
+
+def test_a_second_concurrent_run_is_refused_with_one_line(server, tmp_path, monkeypatch, capsys):
+    from engine.cli import call_cli
+
+    local = server.serve("lock/a.tar.gz", fgvc_archive())
+    set_mirror(monkeypatch, tmp_path, {row("fgvc_aircraft", "fgvc-aircraft-2013b.tar.gz").url: local})
+    root = tmp_path / "data"
+    requests = len(server.log)
+    # the first run is another process holding the lock (fcntl locks are per open file, not per process)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from tools.prepare_data import root_lock\n"
+        "with root_lock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(30)"), str(REPO), str(root)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.delenv("LTPL_DEBUG", raising=False)
+        assert call_cli(pd.main, ["--root", str(root), "fgvc_aircraft", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(root / pd.LOCK_FILE) in err[0] and str(holder.pid) in err[0], err
+        assert len(server.log) == requests and not (root / ".downloads").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    rc, _ = run(["--root", str(root), "fgvc_aircraft", "--quiet"])  # the lock died with its holder
+    assert rc == 0
+
+
+def test_failed_extraction_leaves_nothing_recorded_as_verified(server, tmp_path, monkeypatch):
+    local = server.serve("full/a.tar.gz", fgvc_archive())
+    set_mirror(monkeypatch, tmp_path, {row("fgvc_aircraft", "fgvc-aircraft-2013b.tar.gz").url: local})
+    root = tmp_path / "data"
+    original = pd._move_in
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd, "_move_in", disk_full)
+    with pytest.raises(pd.PrepareError, match="No space left"):
+        run(["--root", str(root), "fgvc_aircraft", "--quiet"])
+    state = json.loads((root / "fgvc_aircraft" / ".prepared.json").read_text())
+    assert state["files"] == {}, state  # no checksum learned from this download vouches for it next time
+    staged = root / ".downloads" / "fgvc_aircraft" / "fgvc-aircraft-2013b.tar.gz"
+    assert staged.is_file()  # not the archive's fault: kept, and checked again by the next run
+    monkeypatch.setattr(pd, "_move_in", original)
+    verified = []
+    check_file = pd.Preparer.verify
+    monkeypatch.setattr(pd.Preparer, "verify",
+                        lambda self, src, path, *a, **k: verified.append(path) or check_file(self, src, path, *a, **k))
+    requests = len(server.log)
+    rc, _ = run(["--root", str(root), "fgvc_aircraft", "--quiet"])
+    assert rc == 0 and len(server.log) == requests and str(staged) in verified
+
+
+def test_archive_without_what_it_provides_is_deleted_not_kept(server, tmp_path, monkeypatch):
+    wrong = tar_gz({"fgvc-aircraft-2013b/data/other.txt": b"x"})
+    local = server.serve("lacks/a.tar.gz", wrong)
+    set_mirror(monkeypatch, tmp_path, {row("fgvc_aircraft", "fgvc-aircraft-2013b.tar.gz").url: local})
+    root = tmp_path / "data"
+    with pytest.raises(pd.PrepareError, match="does not contain.*deleted the download"):
+        run(["--root", str(root), "fgvc_aircraft", "--quiet"])
+    assert not (root / ".downloads").exists()
+    state = json.loads((root / "fgvc_aircraft" / ".prepared.json").read_text())
+    assert state["files"] == {}
+    server.serve("lacks/a.tar.gz", fgvc_archive())  # the source is fixed: the rerun fetches it again
+    requests = len(server.log)
+    rc, _ = run(["--root", str(root), "fgvc_aircraft", "--quiet"])
+    assert rc == 0 and len(server.log) > requests

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers_data import require_shared
 from tools.tables import build_plan, collect, load_spec
 from tools.tables.plan import folder_tag, load_step_times, lock_held
 from tools.tables.render import latex, layout_keys, markdown, read_paper, to_csv
@@ -281,8 +282,7 @@ def test_paper_numbers_match_layout_and_paper_text(name):
     in_spec = {k: v for k, v in paper.items() if k[0] in spec.settings}
     assert set(in_spec) == keys                      # one number per cell of the paper's rows, no more, no less
     assert len(in_spec) == len(spec.block_keys()) * len(rows) * len(spec.groups()) * len(spec.metrics)
-    if not PAPER.is_file():
-        pytest.skip(f"the paper text {PAPER} is not next to the repository (only the layout was checked)")
+    require_shared(PAPER)
     text = PAPER.read_text().split("\n")
     by_line = {}
     with open(spec.paper) as f:
@@ -398,8 +398,7 @@ def test_vamp_mmlop_paper_numbers_match_layout_and_methods_md(name):
     assert len(paper) == NEW_PAPER_CELLS[name]
     assert set(paper) <= set(layout_keys(spec))       # every reported number has its cell in our layout
     assert {k[1] for k in paper} == {r.label for r in spec.rows}    # and every row has at least one
-    if not METHODS_MD.is_file():
-        pytest.skip(f"{METHODS_MD} is not next to the repository (only the layout was checked)")
+    require_shared(METHODS_MD)
     text = METHODS_MD.read_text().split("\n")
     info = yaml.safe_load((SPEC_DIR / "datasets.yaml").read_text())
     by_line = {}
@@ -695,3 +694,34 @@ def test_unit_busy_elsewhere_is_submitted_again_once_free(tmp_path, monkeypatch)
     assert len(report["jobs"]) == 1 and [o["status"] for o in report["outcomes"]] == ["failed"]
     assert any(l.startswith("[failed] ") and "table_error.log" in l for l in lines)
     assert (Path(unit.steps[0].folder) / "table_error.log").is_file()
+
+
+def test_average_and_dry_run_totals_with_a_dataset_missing_or_a_unit_finished(tmp_path):
+    """The Average column is absent while a dataset has no result, uses the fewest seeds any dataset has, and
+    the dry-run's training steps left drop a unit as soon as its training run is done (eval still missing)."""
+    from tools.tables.results import AVERAGE
+
+    spec = _tiny_spec()
+    plan = build_plan(spec, tmp_path)
+    units = [u for u in plan.units if u.row.label == "CoOp" and u.setting == 10]
+    caltech = [u for u in units if u.steps[0].dataset == "caltech101"]
+    dtd = [u for u in units if u.steps[0].dataset == "dtd"]
+    for u in caltech:  # both seeds
+        _write_result(u.steps[0], "base", 60 + u.seed, 50, u.seed)
+        _write_result(u.steps[1], "new", 40 + u.seed, 30, u.seed)
+    cells = collect(plan)
+    assert cells[(10, "CoOp", "caltech101", "base_acc")].mean == pytest.approx(61.5)
+    assert cells[(10, "CoOp", AVERAGE, "base_acc")].mean is None          # DTD missing: no average
+    first = next(u for u in dtd if u.seed == 1)
+    _write_result(first.steps[0], "base", 80, 70, 1)
+    _write_result(first.steps[1], "new", 20, 10, 1)
+    cells = collect(plan)
+    avg = cells[(10, "CoOp", AVERAGE, "base_acc")]
+    assert avg.mean == pytest.approx((61.5 + 80) / 2) and avg.n == 1       # the mean of the dataset means
+    totals = plan.totals()
+    done_steps = sum(u.train_steps for u in caltech + [first])
+    assert totals["training_steps_left"] == totals["training_steps"] - done_steps
+    second = next(u for u in dtd if u.seed == 2)
+    _write_result(second.steps[0], "base", 70, 60, 2)               # trained, not evaluated yet
+    assert second.state() == "partial"
+    assert plan.totals()["training_steps_left"] == totals["training_steps_left"] - second.train_steps

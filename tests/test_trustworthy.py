@@ -11,7 +11,7 @@ import pytest
 import train
 from engine.cli import call_cli
 from engine.run_identity import RUN_NEUTRAL_KEYS, config_diff, run_tag
-from tests.helpers_data import REAL_SPLIT
+from tests.helpers_data import REAL_SPLIT, require_shared
 from tests.helpers_run import REPO, run_interrupted, run_train, train_args
 from trainers.coop import CoOp
 
@@ -142,8 +142,7 @@ def test_collect_results_eval_key_keeps_base_runs(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ data
 
 def test_base_new_split_stable_when_a_class_loses_its_training_images():
-    if not REAL_SPLIT.exists():
-        pytest.skip("real split file not available")
+    require_shared(REAL_SPLIT)
     from datasets.base import DatasetBase
     from lt_sampling.protocol import apply_protocol
     train_, val, test = DatasetBase.read_split(str(REAL_SPLIT), "")

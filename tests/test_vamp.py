@@ -236,7 +236,7 @@ def test_prototypes_travel_with_the_checkpoint_and_are_not_recomputed_on_resume(
     (["TRAINER.VAMP.TEST_MODE", "median"], "TRAINER.VAMP.TEST_MODE must be one of"),
     (["TRAINER.VAMP.N_SAMPLES", "0"], "TRAINER.VAMP.N_SAMPLES must be >= 1"),
     (["TRAINER.VAMP.LAYERS", "[3]"], "TRAINER.VAMP.LAYERS \\[3\\] must be among TRAINER.MMRL.REP_LAYERS"),
-    (["TRAINER.MMRL.REP_LAYERS", "[6, 13]"], "TRAINER.MMRL.REP_LAYERS \\[6, 13\\] must be distinct block indices in 1..12"),
+    (["TRAINER.MMRL.REP_LAYERS", "[6, 13]"], "TRAINER.MMRL.REP_LAYERS must be distinct block indices in 1..12 .*got \\[6, 13\\]"),
     (["TRAINER.MMRL.TEST_BRANCH", "both"], "TRAINER.MMRL.TEST_BRANCH must be one of"),
     (["TRAINER.MMRL.REG_WEIGHT_BY_DATASET", "['0.5']"], "entries must look like 'DatasetName:value'"),
 ])
@@ -244,3 +244,44 @@ def test_bad_settings_give_clear_errors(root, tmp_path, opts, message):
     from engine.config import ConfigError
     with pytest.raises(ConfigError, match=message):
         build(root, tmp_path, *opts)
+
+
+def test_test_time_sampling_follows_the_run_seed_as_well(root, tmp_path):
+    """Both sources of test-time randomness matter: TEST_SEED (above) and the run's SEED."""
+    torch.manual_seed(0)
+    trainer = build(root, tmp_path, "TRAINER.VAMP.N_SAMPLES", "4")
+    perturb(trainer, std=0.5)
+    trainer.prototypes = None
+    images = torch.randn(3, 3, 32, 32)
+
+    def infer():
+        trainer.before_test()
+        with torch.no_grad():
+            return trainer.model_inference(images)
+
+    first = infer()
+    assert torch.equal(infer(), first)
+    trainer.cfg.defrost()
+    trainer.cfg.SEED = trainer.cfg.SEED + 1
+    assert not torch.allclose(infer(), first)
+
+
+def test_run_seed_and_test_seed_pairs_never_share_samples(root, tmp_path):
+    """(run 1, test 1) and (run 2, test 0) draw different test samples; test seed 0 keeps the run seed's."""
+    torch.manual_seed(0)
+    trainer = build(root, tmp_path, "TRAINER.VAMP.N_SAMPLES", "4")
+    perturb(trainer, std=0.5)
+    trainer.prototypes = None
+    images = torch.randn(3, 3, 32, 32)
+    trainer.cfg.defrost()
+    trainer.vc.defrost()
+
+    def infer(seed, test_seed):
+        trainer.cfg.SEED, trainer.vc.TEST_SEED = seed, test_seed
+        trainer.before_test()
+        assert trainer.test_generator.initial_seed() == seed + test_seed * 1_000_003
+        with torch.no_grad():
+            return trainer.model_inference(images)
+
+    assert not torch.allclose(infer(1, 1), infer(2, 0))
+    assert torch.equal(infer(2, 0), infer(2, 0))

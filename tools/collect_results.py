@@ -98,8 +98,13 @@ def collect(root, eval_key="test", warn=_warn):
         group = groups.setdefault(key, {"runs": {s: {} for s in SPLITS}, "settings": set()})
         runs = group["runs"][rec["subsample_classes"]]
         if rec["seed"] in runs:
+            kept_path, kept = runs[rec["seed"]]
+            new = rec["results"][rec["eval_key"]]
+            differ = [m for m in METRICS.values() if kept.get(m) != new.get(m)]
+            detail = (f"; THEIR RESULTS DIFFER ({', '.join(f'{m} {kept.get(m)} vs {new.get(m)}' for m in differ)})"
+                      if differ else " (same results)")
             warn(f"duplicate seed {rec['seed']} for {key} split {rec['subsample_classes']}: "
-                 f"keeping {runs[rec['seed']][0]}, ignoring {path}")
+                 f"keeping {kept_path}, ignoring {path}{detail}")
             continue
         runs[rec["seed"]] = (path, rec["results"][rec["eval_key"]])
         if rec["eval_key"] != eval_key:

@@ -23,7 +23,9 @@ The replacement is fetched by the same code (gdown / the clip downloader) as the
 Nothing else in the project downloads anything.
 """
 import argparse
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -50,6 +52,7 @@ DATASETS_DOC = REPO / "docs" / "DATASETS.md"
 MIRROR_ENV = "LTPL_DOWNLOAD_MIRROR"
 STATE_FILE = ".prepared.json"
 DOWNLOAD_DIR = ".downloads"        # under $DATA: downloads in progress (removed when empty)
+LOCK_FILE = ".prepare_data.lock"   # under $DATA: held (fcntl) by the one run preparing that root
 EXTRACT_PREFIX = ".extract-"       # temporary extraction folders inside a destination
 ACTIONS = ("copy", "extract", "manual")
 COLUMNS = ("dataset", "file", "url", "dest", "action", "strip", "provides", "sha256", "size", "note")
@@ -160,7 +163,7 @@ class DatasetInfo:
 
 def dataset_info(name):
     """Registered name (configs/datasets/<name>.yaml) and folder (the dataset class) of a config name."""
-    import yaml
+    from engine.config import load_yaml
 
     import datasets  # noqa: F401  (registers the datasets)
     from engine.registry import DATASET_REGISTRY
@@ -168,7 +171,9 @@ def dataset_info(name):
     cfg_path = REPO / "configs" / "datasets" / f"{name}.yaml"
     if not cfg_path.is_file():
         raise PrepareError(f"no dataset config {cfg_path.relative_to(REPO)} for {name!r}")
-    registered = yaml.safe_load(cfg_path.read_text())["DATASET"]["NAME"]
+    registered = ((load_yaml(cfg_path, "dataset config") or {}).get("DATASET") or {}).get("NAME")
+    if not registered:
+        raise PrepareError(f"dataset config {cfg_path} sets no DATASET.NAME")
     return DatasetInfo(name, registered, DATASET_REGISTRY.get(registered).dataset_dir)
 
 
@@ -226,6 +231,40 @@ def partial_files(target):
         return []
     return [os.path.join(folder, f) for f in os.listdir(folder)
             if f.startswith(name) and f.endswith(".part") and len(f) == len(name) + 8 + len(".part")]
+
+
+@contextlib.contextmanager
+def root_lock(root):
+    """Hold an exclusive ``fcntl`` lock on ``<root>/.prepare_data.lock`` while preparing ``root``; a second
+    run on the same root (which would share the partial downloads and extraction folders) is refused with a
+    one-line ``PrepareError`` naming the lock file and the holder's process id. The file is removed on release
+    (a run that locked a file already unlinked by its previous holder retries on the new one)."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, LOCK_FILE)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise PrepareError(f"another prepare_data run (process {holder}) is preparing {root} (it holds {path}); "
+                               "wait for it to finish, then rerun") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # releases the lock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,11 +578,14 @@ class Preparer:
                 save_state(folder, state)
                 try:
                     safe_extract(target, self.path(src.dest), src, self.quiet)
-                except PrepareError as err:
-                    if "corrupt" in str(err) or "refusing" in str(err):
+                except Exception as err:
+                    # whatever failed, the archive is not recorded as verified: its checksum (learned from this
+                    # download) must not vouch for it on the next run, which re-verifies or redownloads it
+                    state["files"].pop(src.key, None)
+                    save_state(folder, state)
+                    bad_archive = ("corrupt", "refusing", "does not contain", "holds no folder")
+                    if isinstance(err, PrepareError) and any(word in str(err) for word in bad_archive):
                         os.remove(target)
-                        del state["files"][src.key]  # its recorded checksum must not bind the next download
-                        save_state(folder, state)
                         raise PrepareError(f"{err}; deleted the download (rerun to fetch it again)") from None
                     raise
                 rec["done"] = "extracted"
@@ -760,7 +802,14 @@ def main(argv=None):
     if args.list:
         list_datasets(prep, names or known, sys.stdout)
         return 0
-    for model in args.weights:
+    if not names:  # --weights only: nothing is written under the root
+        return _prepare_all(prep, names, args.weights)
+    with root_lock(prep.root):
+        return _prepare_all(prep, names, args.weights)
+
+
+def _prepare_all(prep, names, weights):
+    for model in weights:
         prepare_weights(model, prep.mirror)
     verdicts, errors = {}, {}
     for name in names:  # one dataset's failure does not stop the others

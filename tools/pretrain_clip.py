@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import world  # noqa: E402
 from engine.checkpoint import atomic_torch_save, atomic_write_json  # noqa: E402
-from engine.cli import UserError, run_cli  # noqa: E402
+from engine.cli import UserError, require_at_least, run_cli  # noqa: E402
 from engine.clip_loader import WORLD_MODELS, default_weight_dirs, load_clip  # noqa: E402
 from engine.compat import import_clip  # noqa: E402
 
@@ -334,7 +334,7 @@ def main(argv=None):
                    help="weight of the attribute-prompt loss (0: the image-caption pair loss alone)")
     p.add_argument("--threads", type=int, default=r["threads"], help="torch threads (the hash may depend on it)")
     p.add_argument("--force", action="store_true", help="retrain even when a matching checkpoint exists")
-    a = p.parse_args(argv)
+    a = require_at_least(p.parse_args(argv), eval_every=1, threads=1, warmup=0, seed=0)
     pretrain(a.name, a.out, a.steps, a.batch_size, a.pool, a.lr, a.weight_decay, a.warmup, a.seed, a.eval_every,
              threads=a.threads, group_size=a.group_size, texture_fraction=a.texture_fraction,
              plain_fraction=a.plain_fraction, clutter_fraction=a.clutter_fraction,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cli import UserError, run_cli  # noqa: E402
+from engine.cli import UserError, require_at_least, run_cli  # noqa: E402
 from engine.metrics import harmonic_mean  # noqa: E402
 from tools.collect_results import mean_std  # noqa: E402
 
@@ -353,7 +353,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the specs' seeds")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="the KEY VALUE opts the tables were run with (part of the run folders); must come last")
-    a = p.parse_args(argv)
+    a = require_at_least(p.parse_args(argv), seeds=0)
     text, _ = claims(a.output, a.data, a.opts, {"seeds": a.seeds} if a.seeds else None)
     print(text)
     return 0

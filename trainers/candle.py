@@ -63,6 +63,7 @@ from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.losses import compensating_la_ce
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
@@ -84,6 +85,9 @@ def add_candle_config(cfg):
     c.USE_NEW_NAMES = True    # B2N: train with virtual prototypes / text of the new class names (Candle)
     c.CACHE_FEATURES = False  # train on cached test-transform features (no augmentation); see module doc
     c.PREC = "fp16"           # fp16/amp -> autocast on GPU; CPU always runs fp32
+    declare_keys(cfg, "TRAINER.CANDLE", SCALE=Float(0, open_low=True), VIR_INIT=Choice(*VIR_INITS),
+                 VIR_INIT_STD=Float(0), NUM_HEADS=Int(1), DROPOUT=Float(0, 1, open_high=True), RATIO_INIT=Float(0),
+                 USE_NEW_NAMES=Bool(), CACHE_FEATURES=Bool(), PREC=Choice(*PRECISIONS))
 
 
 class CandleHead(nn.Module):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
 from trainers.common import ContextHooks, build_context_prompts, cosine_logits, init_context
@@ -19,6 +20,8 @@ def add_cocoop_config(cfg):
     cfg.TRAINER.COCOOP.PREC = "fp16"
     cfg.TRAINER.COCOOP.META_NET_REDUCTION = 16  # hidden width = embed_dim // this (512 -> 32)
     cfg.TRAINER.COCOOP.MAX_TEXT_BATCH = 20000  # sequences per text-encoder call at test time
+    declare_keys(cfg, "TRAINER.COCOOP", N_CTX=Int(1), CTX_INIT=Str(), PREC=Choice(*PRECISIONS),
+                 META_NET_REDUCTION=Int(1), MAX_TEXT_BATCH=Int(1))
 
 
 class CoCoOpPromptLearner(nn.Module):

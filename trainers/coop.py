@@ -9,6 +9,7 @@ import torch.nn as nn
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
 from trainers.common import ContextHooks, build_context_prompts, cosine_logits, init_context
@@ -22,6 +23,8 @@ def add_coop_config(cfg):
     cfg.TRAINER.COOP.CTX_INIT = ""  # e.g. "a photo of a"
     cfg.TRAINER.COOP.PREC = "fp16"  # fp16/amp -> autocast on GPU; CPU always runs fp32
     cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end | middle | front
+    declare_keys(cfg, "TRAINER.COOP", N_CTX=Int(1), CSC=Bool(), CTX_INIT=Str(), PREC=Choice(*PRECISIONS),
+                 CLASS_TOKEN_POSITION=Choice("end", "middle", "front"))
 
 
 class CoOpPromptLearner(nn.Module):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks, as_tensor, insert_after_first, repeat_batch, replace_after_first
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
@@ -57,6 +58,19 @@ def add_lamp_config(cfg):
     # one optimizer step and one LBO update per batch) so that at most this many text sequences keep
     # activations for backward at once; bounds memory on ImageNet-size class sets (exact)
     c.PREC = "amp"
+    declare_keys(
+        cfg, "TRAINER.LAMP", LAYERS=Blocks("both"), POOL_SIZE=Int(1), TOP_K=Int(1), POOL_TOKENS=Int(1),
+        SHARED_TOKENS=Int(1), PROMPT_DIM=Int(1), PROJ_HIDDEN=Int(1), INIT_STD=Float(0), BETA=Float(0),
+        USE_POOL=Bool(), USE_MSP=Bool(), USE_LBO=Bool(), LBO_SIGN=Choice("corrected", "literal"), GAMMA0=Float(0),
+        GAMMA_SCHEDULE=Choice("cosine", "constant"), QUERY_SOURCE=Choice("layer_cls", "frozen_cls"),
+        KEY_TYPE=Choice("projected", "learned"), TEXT_SELECTION=Choice("paired", "eot_classwise"),
+        TRAIN_CLASSNAMES=Choice("base", "all"), NEW_BIAS_ADAPT=Bool(), NEW_BIAS_BATCH=Int(1), NEW_BIAS_EPOCHS=Int(1),
+        NEW_BIAS_GAMMA=Float(), NEW_BIAS_LONG_TAILED=Bool(), TEXT_CHUNK=Int(1), MAX_TEXT_SEQS_WITH_GRAD=Int(1),
+        PREC=Choice(*PRECISIONS),
+        relations=[lambda c, cfg: None if not c.USE_POOL or c.TOP_K <= c.POOL_SIZE else
+                   f"TOP_K ({c.TOP_K}) must be <= POOL_SIZE ({c.POOL_SIZE}): K entries are retrieved from a pool of M",
+                   lambda c, cfg: None if c.USE_POOL or c.USE_MSP else
+                   "USE_POOL and USE_MSP are both off, so there is nothing to learn"])
 
 
 def _projector(dim, hidden, width):

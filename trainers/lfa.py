@@ -46,6 +46,7 @@ from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.data import INTERPOLATIONS, T
 from engine.optim import build_optimizer
 from engine.registry import TRAINER_REGISTRY
@@ -95,6 +96,14 @@ def add_lfa_config(cfg):
     c.EMA_MOMENTUM = 0.9         # EMA momentum at iteration 0 (ramps to ~1.0 over the first half)
     c.NEW_TEST_MAP = "ema"       # map for the new-class test: ema | refined
     c.PREC = "fp16"              # feature extraction under autocast on GPU; the map is always fp32
+    declare_keys(cfg, "TRAINER.LFA", BETA=Float(0, 1), ITERS=Int(0), DEFAULT_ITERS=Int(1), END_LR=Float(0),
+                 KNN=Int(1), MARGIN_SCALE=Float(0, open_low=True), TEMPERATURE=Float(0, open_low=True),
+                 NOISE_STD=Float(0), NOISE_P=Float(0, 1), DROPOUT=Float(0, 1, open_high=True), DROPOUT_P=Float(0, 1),
+                 FIVE_CROP=Bool(), FIVE_CROP_RESIZE=Float(1), EMA_MOMENTUM=Float(0, 1),
+                 NEW_TEST_MAP=Choice(*NEW_TEST_MAPS), PREC=Choice(*PRECISIONS),
+                 relations=[lambda c, cfg: next((f"ITERS_PER_DATASET.{k} must be an integer >= 1, got {v!r}"
+                                                 for k, v in c.ITERS_PER_DATASET.items()
+                                                 if isinstance(v, bool) or not isinstance(v, int) or v < 1), None)])
 
 
 def beta_procrustes(x, y, beta):

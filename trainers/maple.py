@@ -16,6 +16,7 @@ import torch.nn as nn
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks, append_tokens, replace_after_first, replace_last
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
@@ -29,6 +30,8 @@ def add_maple_config(cfg):
     c.CTX_INIT = "a photo of a"  # prompt text; its first N_CTX word embeddings initialise the context ("" = random)
     c.PROMPT_DEPTH = 9  # J: prompts at the embedding stage and entering blocks 2..J (1 = shallow prompts only)
     c.PREC = "fp16"  # fp16/amp -> autocast on GPU; CPU always runs fp32
+    declare_keys(cfg, "TRAINER.MAPLE", N_CTX=Int(1), CTX_INIT=Str(), PROMPT_DEPTH=Block("both"),
+                 PREC=Choice(*PRECISIONS))
 
 
 class MaPLeTextHooks(ContextHooks):

@@ -29,6 +29,7 @@ import torch.nn as nn
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config, register_config_alias
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
@@ -50,6 +51,10 @@ def add_mma_config(cfg):
     c.ADAPTER_DIM = 32  # bottleneck width (also the shared layer's width)
     c.ADAPTER_SCALE = 0.001  # alpha
     c.PREC = "amp"  # fp16/amp -> autocast on GPU; CPU always runs fp32
+    declare_keys(cfg, "TRAINER.MMA", TEXT_CTX_INIT=Str(), ADAPTER_START=Block("both"), ADAPTER_END=Block("both"),
+                 ADAPTER_DIM=Int(1), ADAPTER_SCALE=Float(0), PREC=Choice(*PRECISIONS),
+                 relations=[lambda c, cfg: None if c.ADAPTER_START <= c.ADAPTER_END else
+                            f"ADAPTER_START ({c.ADAPTER_START}) must be <= ADAPTER_END ({c.ADAPTER_END})"])
 
 
 class _GradientScale(torch.autograd.Function):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
 from trainers.common import build_context_prompts, cosine_logits, init_context, template_prompts
@@ -74,6 +75,13 @@ def add_mmlop_config(cfg):
     c.LOGIT_LOSS_WEIGHT = 1.0
     c.DRIFT_CORRECTION = "train_test"  # train_test | test (test only) | off
     c.PREC = "fp16"
+    declare_keys(cfg, "TRAINER.MMLOP", N_CTX=Int(1), RANK=Int(1), PROMPT_DEPTH=Block("both"), LOW_RANK=Bool(),
+                 SHARED_U=Bool(), U_PER_LAYER=Bool(), U_INIT_STD=Float(0),
+                 V_INIT_STD=Float(0), CTX_INIT=Str(), ANCHORS=Bool(), TEXT_LOSS_WEIGHT=Float(0),
+                 IMAGE_LOSS_WEIGHT=Float(0), LOGIT_LOSS_WEIGHT=Float(0), DRIFT_CORRECTION=Choice(*DRIFT_MODES),
+                 PREC=Choice(*PRECISIONS),
+                 relations=[lambda c, cfg: None if not (c.LOW_RANK and c.CTX_INIT) else
+                            "CTX_INIT needs LOW_RANK False: a rank-r product cannot start from word embeddings"])
 
 
 class MMLoPPrompts(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config, register_config_alias
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks, insert_after_first, repeat_batch, replace_after_first
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
@@ -56,6 +57,10 @@ def add_mmrl_config(cfg):
     c.TEST_BRANCH = "auto"              # auto (fusion on trained classes, cls elsewhere) | fusion | cls | rep
     c.TASK = ""                         # official TASK: B2N / CD = auto, FS = fusion; "" = TEST_BRANCH decides
     c.PREC = "amp"
+    declare_keys(cfg, "TRAINER.MMRL", N_REP_TOKENS=Int(1), REP_DIM=Int(1, also=(0,)),
+                 REP_DIM_BY_DATASET=PerDataset(Int(1)), REP_LAYERS=Blocks("both"), SCALE=Float(0, 1),
+                 REG_WEIGHT=Float(), REG_WEIGHT_BY_DATASET=PerDataset(Float(0)),
+                 TEST_BRANCH=Choice(*TEST_BRANCHES), TASK=Choice(*TASKS), PREC=Choice(*PRECISIONS))
 
 
 # The official code's names: its current key ALPHA (an older commit: SCALE, ours) and its scripts' TASK opt.

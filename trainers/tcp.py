@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config, register_config_alias
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import write_tokens
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
@@ -104,6 +105,9 @@ def add_tcp_config(cfg):
     c.TKE_REDUCTION = 4  # TKE hidden width = embed_dim // this (512 -> 128)
     c.KG_WEIGHT = 8.0  # weight of the text-consistency term 1 - mean_c cos(W_c, t_c^zs)
     c.PREC = "fp16"  # fp16/amp -> autocast on GPU; CPU always runs fp32
+    declare_keys(cfg, "TRAINER.TCP", N_CTX=Int(1), CTX_INIT=Str(), CLASS_TOKEN_POSITION=Choice("end", "middle", "front"),
+                 INJECT_LAYER=Block("text"), INJECT_WEIGHT=Float(0, 1), TKE_REDUCTION=Int(1), KG_WEIGHT=Float(0),
+                 PREC=Choice(*PRECISIONS))
 
 
 class QuickGELU(nn.Module):

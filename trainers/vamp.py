@@ -32,11 +32,13 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
+from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.registry import TRAINER_REGISTRY
 from trainers.mmrl import MMRL, scaled_cos
 
 PRIORS = ("class_aware", "prototype", "standard")
 TEST_MODES = ("probs", "logits", "mean")
+TEST_SEED_STRIDE = 1_000_003  # a prime above any run seed in use
 
 
 @register_config
@@ -51,10 +53,17 @@ def add_vamp_config(cfg):
     c.KL_WEIGHT = 1.0          # beta (the ELBO as written: 1)
     c.N_SAMPLES = 10           # S posterior samples per test image
     c.TEST_MODE = "probs"      # probs: mean softmax over S | logits: mean logits | mean: z = mu (S unused)
-    c.TEST_SEED = 0            # test-time sampling seed (added to the run seed)
+    c.TEST_SEED = 0            # test-time sampling seed: the generator starts at SEED + TEST_SEED * TEST_SEED_STRIDE
     c.PROTOTYPE_BATCH = 64
     c.MAX_TEXT_BATCH = 20000   # max text sequences (images x samples x classes) per text-encoder call
     c.PREC = "amp"
+    declare_keys(cfg, "TRAINER.VAMP", SAMPLE_SPECIFIC=Bool(), VARIATIONAL=Bool(), PRIOR=Choice(*PRIORS),
+                 LAYERS=Blocks("both", empty_ok=True), HIDDEN=Int(1), INIT_STD=Float(0, open_low=True),
+                 KL_WEIGHT=Float(0), N_SAMPLES=Int(1), TEST_MODE=Choice(*TEST_MODES), TEST_SEED=Int(0),
+                 PROTOTYPE_BATCH=Int(1), MAX_TEXT_BATCH=Int(1), PREC=Choice(*PRECISIONS),
+                 relations=[lambda c, cfg: None if set(c.LAYERS) <= set(cfg.TRAINER.MMRL.REP_LAYERS) else
+                            f"LAYERS {list(c.LAYERS)} must be among TRAINER.MMRL.REP_LAYERS "
+                            f"{list(cfg.TRAINER.MMRL.REP_LAYERS)}"])
 
 
 def _head(d_in, hidden, d_out, logvar_bias=None):
@@ -224,7 +233,9 @@ class VaMP(MMRL):
         self.log(f"VaMP inference: branch {self.active_branch()}, {self.vc.TEST_MODE} over "
                  f"{self.test_samples()} sample(s)")
         self.test_generator = torch.Generator(device=self.device)
-        self.test_generator.manual_seed(max(self.cfg.SEED, 0) + self.vc.TEST_SEED)
+        # TEST_SEED 0 keeps the run seed itself; the stride keeps (run seed, test seed) pairs apart (a plain sum
+        # would give run 1 / test 1 the samples of run 2 / test 0)
+        self.test_generator.manual_seed(max(self.cfg.SEED, 0) + self.vc.TEST_SEED * TEST_SEED_STRIDE)
         self.rep.set_vision_tokens()
 
     def test_samples(self):

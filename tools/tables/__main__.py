@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.cli import UserError, run_cli
+from engine.cli import UserError, require_at_least, run_cli
 from tools.tables.spec import REPO
 
 
@@ -52,7 +52,8 @@ def parse_args(argv):
     p.add_argument("--quiet", action="store_true", help="--dry-run: totals only, no run list")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="KEY VALUE opts for every run (part of every run folder's name); must come last")
-    return p.parse_args(argv)
+    return require_at_least(p.parse_args(argv), gpus_per_run=0, cpus_per_run=1, time=1, array_parallelism=1,
+                            seeds=0, cpu_shots=1)
 
 
 def _fmt_int(n):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from engine.config import load_yaml
 from engine.run_identity import variant_tag
 from tools.tables.spec import PLANNER_KEYS, REPO, SpecError, dataset_info
 
@@ -134,7 +135,10 @@ def _config_value(trainer, config, key, opts, default=None):
     opts = list(opts)
     for k, v in zip(opts[0::2], opts[1::2]):
         if k == key:
-            return yaml.safe_load(v)
+            try:
+                return yaml.safe_load(v)
+            except yaml.YAMLError:
+                return v
     node = _trainer_yaml(trainer, config)
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -145,8 +149,7 @@ def _config_value(trainer, config, key, opts, default=None):
 
 @functools.lru_cache(maxsize=None)
 def _trainer_yaml(trainer, config):
-    with open(REPO / "configs" / "trainers" / trainer / f"{config}.yaml") as f:
-        return yaml.safe_load(f) or {}
+    return load_yaml(REPO / "configs" / "trainers" / trainer / f"{config}.yaml", "config file") or {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,8 +196,8 @@ def estimate_steps(row, dataset_cfg_name, regime, setting, opts, all_classes=Fal
 
 @functools.lru_cache(maxsize=None)
 def _dataset_cfg_name(config):
-    with open(REPO / "configs" / "datasets" / f"{config}.yaml") as f:
-        return (yaml.safe_load(f) or {}).get("DATASET", {}).get("NAME", config)
+    return (load_yaml(REPO / "configs" / "datasets" / f"{config}.yaml", "config file") or {}).get(
+        "DATASET", {}).get("NAME", config)
 
 
 @dataclass
@@ -223,7 +226,9 @@ class Plan:
                "by_state": {s: sum(1 for v in states.values() if v == s)
                             for s in ("done", "running", "partial", "missing")},
                "runs_by_state": {s: run_states.count(s) for s in ("done", "running", "partial", "missing")}}
-        out["training_steps_left"] = sum(u.train_steps or 0 for u in self.units if states[u.key] != "done")
+        # a unit whose training run finished (its evaluation may still be missing) has no training left
+        out["training_steps_left"] = sum(u.train_steps or 0 for u in self.units
+                                         if states[u.key] != "done" and u.steps[0].state() != "done")
         if step_times is not None:
             hours, missing = 0.0, set()
             for u in self.units:

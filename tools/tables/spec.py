@@ -59,6 +59,7 @@ from pathlib import Path
 import yaml
 
 from engine.cli import UserError
+from engine.config import load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_DIR = REPO / "configs" / "tables"
@@ -202,8 +203,7 @@ class Spec:
 
 @functools.lru_cache(maxsize=None)
 def dataset_info():
-    with open(SPEC_DIR / "datasets.yaml") as f:
-        return yaml.safe_load(f)
+    return load_yaml(SPEC_DIR / "datasets.yaml", "dataset table")
 
 
 def _opts(value, where, allowed=()):
