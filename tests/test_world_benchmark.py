@@ -315,6 +315,12 @@ def test_claims_cli_reads_the_same_runs_and_reports_errors_in_one_line(runs, cap
     text = capsys.readouterr().out
     assert "world_benchmark 14 of 144 units finished, world_ablation 10 of 30" in text
     assert "| L3 | " in text and "Verdict: **not measured**" in text and "**holds**" not in text
+    # --datasets / --settings restrict the specs: the Mean is over world_textures alone, imb 10 alone
+    assert call_cli(wc.main, ["--output", str(runs["out"]), "--data", str(runs["data"]), "--seeds", "1", "2",
+                              "--datasets", "world_textures", "--settings", "10", "--opts", *TINY_RUN]) == 0
+    text = capsys.readouterr().out
+    assert "world_benchmark 8 of 24 units finished, world_ablation 10 of 10" in text  # ZS, CoOp+LA, Candle, LAMP
+    assert "imb 50" not in text and "Verdict: **not measured**" not in text.split("### C3")[1]
     assert call_cli(wc.main, ["--output", str(runs["out"] / "nothing_here")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no finished runs of world_benchmark or world_ablation" in err

@@ -25,6 +25,7 @@ from engine.metrics import harmonic_mean  # noqa: E402
 from tools.collect_results import mean_std  # noqa: E402
 
 BENCHMARK, ABLATION = "world_benchmark", "world_ablation"
+WORLD_DATASETS = ("world_shapes", "world_clutter", "world_textures")
 LAMP, CANDLE, COOP_LA = "LAMP", "Candle", "CoOp+LA"
 NO_LBO = "LAMP w/o LBO"
 MEAN = "Mean"
@@ -318,11 +319,13 @@ def claim_c4(bench):
     return out, ok
 
 
-def claims(output, data="data", opts=(), overrides=None):
+def claims(output, data="data", opts=(), overrides=None, settings=None):
     """(markdown, {claim: verdict}) from the runs of world_benchmark and world_ablation under ``output``.
-    ``overrides``: top-level spec keys applied to both specs (e.g. {"seeds": [1]})."""
+    ``overrides``: top-level spec keys applied to both specs (e.g. {"seeds": [1]}); ``settings``: the
+    benchmark's imbalance factors to use (default: the spec's)."""
     from tools.tables import build_plan, load_spec
-    bench = Source(build_plan(load_spec(BENCHMARK, overrides), output, data, opts))
+    bench_overrides = dict(overrides or {}, **({"settings": list(settings)} if settings else {})) or None
+    bench = Source(build_plan(load_spec(BENCHMARK, bench_overrides), output, data, opts))
     abl = Source(build_plan(load_spec(ABLATION, overrides), output, data, opts))
     for source, needed in ((bench, (LAMP, CANDLE, COOP_LA)), (abl, (LAMP, NO_LBO))):
         missing = sorted(set(needed) - {r.label for r in source.plan.spec.rows})
@@ -351,10 +354,15 @@ def main(argv=None):
                    help="results root of the two world tables (default: $OUTPUT or output)")
     p.add_argument("--data", default=os.environ.get("DATA", "data"), help="datasets root (default: $DATA or data)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the specs' seeds")
+    p.add_argument("--datasets", nargs="+", default=None, choices=WORLD_DATASETS,
+                   help="only these world datasets (the Mean column is then over them)")
+    p.add_argument("--settings", type=int, nargs="+", default=None,
+                   help="only these imbalance factors of the benchmark (verdicts then rule on these alone)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="the KEY VALUE opts the tables were run with (part of the run folders); must come last")
     a = require_at_least(p.parse_args(argv), seeds=0)
-    text, _ = claims(a.output, a.data, a.opts, {"seeds": a.seeds} if a.seeds else None)
+    overrides = {k: v for k, v in (("seeds", a.seeds), ("datasets", a.datasets)) if v} or None
+    text, _ = claims(a.output, a.data, a.opts, overrides, a.settings)
     print(text)
     return 0
 
