@@ -560,6 +560,15 @@ def _merge_dict(node, data, source, prefix=""):
             node[key] = _coerce(_decode(value), current, full_key, source)
 
 
+def yaml_error_parts(err):
+    """(line, column, problem) of a ``yaml.YAMLError``: 1-based position (None when unknown) and the problem on
+    one line."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+    return line, column, " ".join(str(problem).split())
+
+
 def load_yaml(path, what="yaml file"):
     """``yaml.safe_load`` of a file (plain data only: no tag builds a Python object). A file that does not parse is
     a one-line ``ConfigError`` naming it (and the line); an empty file is None."""
@@ -567,10 +576,9 @@ def load_yaml(path, what="yaml file"):
         with open(path) as f:
             return yaml.safe_load(f)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
-        raise ConfigError(f"cannot parse {what} {path}{where}: {' '.join(str(problem).split())}") from err
+        line, _, problem = yaml_error_parts(err)
+        where = f" line {line}" if line is not None else ""
+        raise ConfigError(f"cannot parse {what} {path}{where}: {problem}") from err
 
 
 def merge_from_file(cfg, path, trainer=None):

@@ -59,7 +59,7 @@ from pathlib import Path
 import yaml
 
 from engine.cli import UserError
-from engine.config import load_yaml
+from engine.config import load_yaml, yaml_error_parts
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_DIR = REPO / "configs" / "tables"
@@ -315,9 +315,8 @@ def read_yaml(path):
         with open(path) as f:
             return yaml.safe_load(f)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        line, column, problem = yaml_error_parts(err)
+        at = f" (line {line}, column {column})" if line is not None else ""
         if "python/" in str(err):
             raise SpecError(f"{path}: YAML python tags are not allowed in a spec{at}: {problem}") from None
         raise SpecError(f"{path}: not valid YAML{at}: {problem}") from None
