@@ -581,16 +581,52 @@ def load_yaml(path, what="yaml file"):
         raise ConfigError(f"cannot parse {what} {path}{where}: {problem}") from err
 
 
-def merge_from_file(cfg, path, trainer=None):
-    """Merge a yaml file into ``cfg``; errors name the file and the full dotted key. Keys of official configs
-    registered with ``register_config_alias`` are renamed first (``trainer``: the run's trainer name)."""
+BASE_KEY = "_BASE_"
+
+
+def _deep_merge(base, over):
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_file(path, _chain=()):
+    """The mapping a config file resolves to (detectron2-style inheritance): ``_BASE_: other.yaml`` (a path
+    relative to this file, or a list of them, merged in order) is read first and this file's keys are merged
+    over it, section by section. None for an empty file without a base."""
+    path = os.path.abspath(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (f" (the {BASE_KEY} of {_chain[-1]})" if _chain else ""))
+    if path in _chain:
+        raise ConfigError(f"config file {path} inherits from itself: {' -> '.join(_chain + (path,))}")
     data = load_yaml(path, "config file")
     if data is None:
-        return cfg
+        return None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"config file {path}: {BASE_KEY} must be a file name or a list of file names "
+                          f"(relative to the file), got {bases!r}")
+    merged = {}
+    for base in bases:
+        merged = _deep_merge(merged, read_config_file(os.path.join(os.path.dirname(path), base),
+                                                      _chain + (path,)) or {})
+    return _deep_merge(merged, data)
+
+
+def merge_from_file(cfg, path, trainer=None):
+    """Merge a yaml file (and the files it names as ``_BASE_``) into ``cfg``; errors name the file and the full
+    dotted key. Keys of official configs registered with ``register_config_alias`` are renamed first
+    (``trainer``: the run's trainer name)."""
+    data = read_config_file(path)
+    if data is None:
+        return cfg
     if trainer is None and isinstance(data.get("TRAINER"), dict):
         trainer = data["TRAINER"].get("NAME")
     _merge_dict(cfg, _apply_aliases(data, path, trainer or cfg.TRAINER.NAME), path)

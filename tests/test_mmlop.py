@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import train
 from engine.clip_loader import load_clip
-from engine.config import ConfigError, get_cfg_default
+from engine.config import ConfigError, get_cfg_default, merge_from_file
 from engine.prompted_clip import PromptedCLIP, TowerHooks
 from tests.helpers_run import assert_metrics, assert_step_uses_la_loss, run_eval, run_train, train_args
 from tools import bench
@@ -60,7 +60,7 @@ def test_parameter_count_on_full_size_vit_b16(capsys):
     assert bench.main(["--trainer", "MMLoP", "--params-only", "--config-file", config_file]) == 0
     assert int(capsys.readouterr().out.strip().splitlines()[-1]) == 9 * (2 * 1 + 1 * (768 + 512)) == 11_538
     cfg = get_cfg_default()
-    cfg.merge_from_file(config_file)
+    merge_from_file(cfg, config_file)  # the project's loader: the yaml inherits from configs/base (_BASE_)
     cfg.TRAINER.MMLOP.SHARED_U = False
     enc = PromptedCLIP(load_clip("ViT-B/16-random"))
     unshared = MMLoPPrompts(enc, ["dog", "cat"], cfg.TRAINER.MMLOP)

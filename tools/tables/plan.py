@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from engine.config import load_yaml
+from engine.config import load_yaml, read_config_file
 from engine.run_identity import variant_tag
 from tools.tables.spec import PLANNER_KEYS, REPO, SpecError, dataset_info
 
@@ -149,7 +149,7 @@ def _config_value(trainer, config, key, opts, default=None):
 
 @functools.lru_cache(maxsize=None)
 def _trainer_yaml(trainer, config):
-    return load_yaml(REPO / "configs" / "trainers" / trainer / f"{config}.yaml", "config file") or {}
+    return read_config_file(REPO / "configs" / "trainers" / trainer / f"{config}.yaml") or {}
 
 
 @functools.lru_cache(maxsize=None)
