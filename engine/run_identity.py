@@ -6,8 +6,8 @@ the table launcher put a variant of a config (an ablation, a sweep value, anothe
 run-neutral opts out of the name).
 
 ``check_run_folder(folder, cfg)`` is the other half: a folder that already holds a run (its
-``config.yaml``) with a different resolved config is an error naming the differing keys; the keys in
-``RUN_NEUTRAL_KEYS`` are exempt. ``check_manifest`` does the same for the recorded training split.
+``config.yaml``) with a different resolved config is an error naming the differing keys; the run-neutral keys
+(``RUN_NEUTRAL_KEYS`` and each method's ``MethodInfo.run_neutral``) are exempt. ``check_manifest`` does the same for the recorded training split.
 """
 import hashlib
 import json
@@ -17,6 +17,7 @@ import re
 import yaml
 
 from engine.cli import UserError
+from engine.registry import TRAINER_REGISTRY
 
 MAX_TAG_CHARS = 64
 
@@ -58,7 +59,8 @@ def variant_tag(opts):
 # speed-up): where the data and outputs live, how many workers load the data, how often the log prints
 # or checkpoints are kept, the evaluation batch size, and the exact text-encoder speed-ups. USE_CUDA is
 # neutral too (the same run may be resumed on another machine); the precision a trainer uses is its
-# TRAINER.<NAME>.PREC key, which is not neutral.
+# TRAINER.<NAME>.PREC key, which is not neutral. These are the engine's keys; a method names its own
+# (e.g. LAMP's text chunking) in its registry entry (MethodInfo.run_neutral).
 RUN_NEUTRAL_KEYS = (
     "OUTPUT_DIR",
     "RESUME",
@@ -73,9 +75,6 @@ RUN_NEUTRAL_KEYS = (
     "MODEL.TRUNCATE_TEXT",
     "MODEL.TEXT_PREFIX_CACHE",
     "MODEL.SHARED_TEXT_PREFIX",
-    "TRAINER.LAMP.TEXT_CHUNK",
-    "TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD",
-    "TRAINER.COCOOP.MAX_TEXT_BATCH",
 )
 CONFIG_FILE = "config.yaml"
 
@@ -84,8 +83,13 @@ class RunIdentityError(UserError):
     """A run folder holds another run than the one requested."""
 
 
+def run_neutral_keys():
+    """The engine's run-neutral keys and those of every registered method."""
+    return set(RUN_NEUTRAL_KEYS) | TRAINER_REGISTRY.run_neutral_keys()
+
+
 def is_run_neutral(key):
-    return key in RUN_NEUTRAL_KEYS
+    return key in RUN_NEUTRAL_KEYS or key in TRAINER_REGISTRY.run_neutral_keys()
 
 
 def run_tag(opts):

@@ -65,7 +65,7 @@ from yacs.config import CfgNode as CN
 from engine.config import ConfigError, register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.losses import compensating_la_ce
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import frozen_text_features
 
@@ -177,10 +177,13 @@ def match_names(names, reference):
     return [free[n].pop(0) if free.get(n) else None for n in names]
 
 
-@TRAINER_REGISTRY.register("Candle")
-class Candle(TrainerX):
-    default_config = "vit_b16_bs128_lr0.0003_ep50.yaml"
+METHOD = MethodInfo(
+    configs=dict.fromkeys(("b2n", "fewshot", "xd"), "vit_b16_bs128_lr0.0003_ep50"),
+    la="own", bench_prepare=lambda trainer, batch: trainer.prepare_benchmark(batch))
 
+
+@TRAINER_REGISTRY.register("Candle", info=METHOD)
+class Candle(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.CANDLE
         if c.VIR_INIT not in VIR_INITS:

@@ -7,7 +7,7 @@ from yacs.config import CfgNode as CN
 
 from engine.config import register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import ContextHooks, build_context_prompts, cosine_logits, init_context
 
@@ -45,10 +45,13 @@ class CoCoOpPromptLearner(nn.Module):
         return feats.view(image_features.shape[0], self.tokens.shape[0], -1)
 
 
-@TRAINER_REGISTRY.register("CoCoOp")
-class CoCoOp(TrainerX):
-    default_config = "vit_b16_c4_ep10_batch1_ctxv1.yaml"
+METHOD = MethodInfo(
+    configs=dict.fromkeys(("b2n", "fewshot", "xd"), "vit_b16_c4_ep10_batch1_ctxv1"),
+    run_neutral=("TRAINER.COCOOP.MAX_TEXT_BATCH",))
 
+
+@TRAINER_REGISTRY.register("CoCoOp", info=METHOD)
+class CoCoOp(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.COCOOP
         self.prompt_learner = CoCoOpPromptLearner(self.clip, self.classnames, c.N_CTX, c.CTX_INIT,

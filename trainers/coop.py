@@ -10,7 +10,7 @@ from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import ContextHooks, build_context_prompts, cosine_logits, init_context
 
@@ -46,10 +46,11 @@ class CoOpPromptLearner(nn.Module):
         return encoder.encode_text(self.tokens, self.hooks)
 
 
-@TRAINER_REGISTRY.register("CoOp")
-class CoOp(TrainerX):
-    default_config = "vit_b16_ep50_ctxv1.yaml"
+METHOD = MethodInfo(configs=dict.fromkeys(("b2n", "fewshot", "xd"), "vit_b16_ep50_ctxv1"))
 
+
+@TRAINER_REGISTRY.register("CoOp", info=METHOD)
+class CoOp(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.COOP
         self.prompt_learner = CoOpPromptLearner(self.clip, self.classnames, c.N_CTX, c.CTX_INIT, c.CSC,

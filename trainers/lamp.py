@@ -18,7 +18,7 @@ from yacs.config import CfgNode as CN
 from engine.config import ConfigError, register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks, as_tensor, insert_after_first, repeat_batch, replace_after_first
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import cosine_logits, template_prompts
 
@@ -279,10 +279,14 @@ class _TextHooks(_LampHooks):
         return insert_after_first(x, prompts, state) if first else replace_after_first(x, prompts, state)
 
 
-@TRAINER_REGISTRY.register("LAMP")
-class LAMP(TrainerX):
-    default_config = "vit_b16_lt_b2n.yaml"
+METHOD = MethodInfo(
+    configs={"b2n": "vit_b16_lt_b2n", "fewshot": "vit_b16_fewshot", "xd": "vit_b16_xd"},
+    run_neutral=("TRAINER.LAMP.TEXT_CHUNK", "TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD"),
+    bench_images_per_backward=lambda trainer, batch, classes: trainer.images_per_micro_batch(batch, classes))
 
+
+@TRAINER_REGISTRY.register("LAMP", info=METHOD)
+class LAMP(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.LAMP
         if not self.clip.is_vit:

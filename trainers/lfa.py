@@ -49,7 +49,7 @@ from engine.config import ConfigError, register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.data import INTERPOLATIONS, T
 from engine.optim import build_optimizer
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import frozen_text_features
 
@@ -142,10 +142,23 @@ class LFAMap(nn.Module):
         self.register_buffer("weight_ema", torch.eye(dim))
 
 
-@TRAINER_REGISTRY.register("LFA")
-class LFA(TrainerX):
-    default_config = "vit_b16_b2n_beta0.9.yaml"
+def lfa_iterations(value, images, classes, dataset):
+    """Training steps for estimates: one engine epoch is one full-batch iteration, so the steps are the
+    iteration count (TRAINER.LFA.ITERS, else the dataset's ITERS_PER_DATASET entry, else DEFAULT_ITERS)."""
+    iters = value("TRAINER.LFA.ITERS", 0)
+    if not iters:
+        table = value("TRAINER.LFA.ITERS_PER_DATASET", {}) or {}
+        iters = table.get(dataset, value("TRAINER.LFA.DEFAULT_ITERS", 50))
+    return int(iters)
 
+
+METHOD = MethodInfo(
+    configs={"b2n": "vit_b16_b2n_beta0.9", "fewshot": "vit_b16_b2n_beta0.9"}, la="refused",
+    train_steps=lfa_iterations, bench_prepare=lambda trainer, batch: trainer.prepare_benchmark(batch))
+
+
+@TRAINER_REGISTRY.register("LFA", info=METHOD)
+class LFA(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.LFA
         if self.cfg.TRAINER.LOSS == "la":

@@ -18,7 +18,7 @@ from yacs.config import CfgNode as CN
 from engine.config import ConfigError, register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks, append_tokens, replace_after_first, replace_last
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import ContextHooks, build_context_prompts, cosine_logits, init_context
 
@@ -121,10 +121,13 @@ class MaPLePromptLearner(nn.Module):
         return encoder.encode_image(images, self.vision_hooks)
 
 
-@TRAINER_REGISTRY.register("MaPLe")
-class MaPLe(TrainerX):
-    default_config = "vit_b16_c2_ep5_batch4_2ctx.yaml"
+METHOD = MethodInfo(
+    configs={"b2n": "vit_b16_c2_ep5_batch4_2ctx", "fewshot": "vit_b16_c2_ep5_batch4_2ctx",
+             "xd": "vit_b16_c2_ep2_batch4_2ctx_cross_datasets"})
 
+
+@TRAINER_REGISTRY.register("MaPLe", info=METHOD)
+class MaPLe(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.MAPLE
         self.prompt_learner = MaPLePromptLearner(self.clip, self.classnames, c.N_CTX, c.CTX_INIT,

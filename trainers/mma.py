@@ -31,7 +31,7 @@ from yacs.config import CfgNode as CN
 from engine.config import ConfigError, register_config, register_config_alias
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import cosine_logits, template_prompts
 
@@ -138,10 +138,13 @@ class MMAHooks(TowerHooks):
         return self.owner.branch(self.tower, layer, x_ln1)
 
 
-@TRAINER_REGISTRY.register("MMA")
-class MMA(TrainerX):
-    default_config = "vit_b16_ep5.yaml"
+METHOD = MethodInfo(
+    configs={"b2n": "vit_b16_ep5", "fewshot": "vit_b16_ep5_fewshot", "xd": "vit_b16_ep5"},
+    imagenet={"fewshot": "vit_b16_ep5_fewshot_imagenet"})
 
+
+@TRAINER_REGISTRY.register("MMA", info=METHOD)
+class MMA(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.MMA
         self.adapter_learner = MMAdapters(self.clip, c.ADAPTER_START, c.ADAPTER_END, c.ADAPTER_DIM,

@@ -29,7 +29,7 @@ from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import build_context_prompts, cosine_logits, init_context, template_prompts
 from trainers.maple import MaPLeTextHooks, MaPLeVisionHooks
@@ -155,10 +155,11 @@ def template_averaged_features(encoder, templates, classnames):
     return F.normalize(total / len(templates), dim=-1)
 
 
-@TRAINER_REGISTRY.register("MMLoP")
-class MMLoP(TrainerX):
-    default_config = "vit_b16_b2n.yaml"
+METHOD = MethodInfo(configs={"b2n": "vit_b16_b2n", "fewshot": "vit_b16_b2n", "xd": "vit_b16_xd"})
 
+
+@TRAINER_REGISTRY.register("MMLoP", info=METHOD)
+class MMLoP(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.MMLOP
         if c.DRIFT_CORRECTION not in DRIFT_MODES:

@@ -30,7 +30,7 @@ from yacs.config import CfgNode as CN
 from engine.config import ConfigError, register_config, register_config_alias
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks, insert_after_first, repeat_batch, replace_after_first
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import frozen_text_features, template_prompts
 
@@ -174,10 +174,13 @@ def scaled_cos(f, w):
     return LOGIT_SCALE * torch.einsum("bd,bcd->bc", f, w)
 
 
-@TRAINER_REGISTRY.register("MMRL")
-class MMRL(TrainerX):
-    default_config = "vit_b16_b2n.yaml"
+METHOD = MethodInfo(
+    configs={"b2n": "vit_b16_b2n", "fewshot": "vit_b16_b2n", "xd": "vit_b16_xd"},
+    imagenet={"b2n": "vit_b16_b2n_imagenet", "fewshot": "vit_b16_b2n_imagenet"})
 
+
+@TRAINER_REGISTRY.register("MMRL", info=METHOD)
+class MMRL(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.MMRL
         if c.TEST_BRANCH not in TEST_BRANCHES:

@@ -35,7 +35,7 @@ from yacs.config import CfgNode as CN
 from engine.config import ConfigError, register_config, register_config_alias
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import write_tokens
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import ContextHooks, build_context_prompts, cosine_logits, frozen_text_features, init_context
 
@@ -184,10 +184,11 @@ class TCPPromptLearner(nn.Module):
         return encoder.encode_text(self.tokens, self.hooks)
 
 
-@TRAINER_REGISTRY.register("TCP")
-class TCP(TrainerX):
-    default_config = "vit_b16_ep50_ctx4.yaml"
+METHOD = MethodInfo(configs=dict.fromkeys(("b2n", "fewshot", "xd"), "vit_b16_ep50_ctx4"))
 
+
+@TRAINER_REGISTRY.register("TCP", info=METHOD)
+class TCP(TrainerX):
     def build_model(self):
         c = self.cfg.TRAINER.TCP
         self.prompt_learner = TCPPromptLearner(self.clip, self.classnames, self.dataset.template, c,

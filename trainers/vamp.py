@@ -33,7 +33,7 @@ from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from trainers.mmrl import MMRL, scaled_cos
 
 PRIORS = ("class_aware", "prototype", "standard")
@@ -119,10 +119,14 @@ class VaMPNets(nn.Module):
         return {l: self.prior[str(l)](cond).chunk(2, dim=-1) for l in self.layers}
 
 
-@TRAINER_REGISTRY.register("VaMP")
-class VaMP(MMRL):
-    default_config = "vit_b16_b2n.yaml"
+METHOD = MethodInfo(
+    configs={"b2n": "vit_b16_b2n", "fewshot": "vit_b16_b2n", "xd": "vit_b16_xd"},
+    imagenet={"b2n": "vit_b16_b2n_imagenet", "fewshot": "vit_b16_b2n_imagenet"},
+    bench_prepare=lambda trainer, batch: trainer.prepare_benchmark(batch))
 
+
+@TRAINER_REGISTRY.register("VaMP", info=METHOD)
+class VaMP(MMRL):
     def build_extra_modules(self):
         c = self.cfg.TRAINER.VAMP
         for key, allowed in (("PRIOR", PRIORS), ("TEST_MODE", TEST_MODES)):

@@ -1,13 +1,14 @@
 """Zero-shot CLIP: hand-crafted template per dataset, no training."""
-from engine.registry import TRAINER_REGISTRY
+from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import cosine_logits, frozen_text_features
 
 
-@TRAINER_REGISTRY.register("ZeroshotCLIP")
-class ZeroshotCLIP(TrainerX):
-    default_config = "vit_b16.yaml"
+METHOD = MethodInfo(configs=dict.fromkeys(("b2n", "fewshot", "xd"), "vit_b16"), trains=False)
 
+
+@TRAINER_REGISTRY.register("ZeroshotCLIP", info=METHOD)
+class ZeroshotCLIP(TrainerX):
     def build_model(self):
         self.text_features = frozen_text_features(self.clip, self.dataset.template, self.classnames)
 
