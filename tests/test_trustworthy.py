@@ -100,27 +100,29 @@ def test_script_variants_get_their_own_folders():
 
 
 def test_scripts_pass_the_variant_folder_and_skip_only_same_config(tmp_path):
-    """scripts/coop/base2new.sh with a stand-in interpreter that records each train.py command: a variant
-    goes to its own folder, and every run asks train.py to skip only a finished run of the same config
-    (train.py --skip-finished, tested above, refuses a finished folder of another config)."""
+    """scripts/coop/base2new.sh hands the environment to the run API's entry point (python -m tools.runs; a
+    stand-in interpreter records the call and runs it with --dry-run): a variant goes to its own folder, the
+    worker count is run-neutral, and the script stops with the entry point's exit code. (The skip / refuse rules
+    of the steps it runs: test_resume_with_another_config_is_refused above, test_lamp's script test.)"""
     log = tmp_path / "calls.txt"
     fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = "-c" ]; then exec {PY} "$@"; fi\necho "$@" >> {log}\n')
+    fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {log}\nexec {PY} "$1" "$2" "$3" --dry-run "${{@:4}}"\n')
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "DATA": str(tmp_path / "data"), "OUTPUT": str(tmp_path / "out")}
     env.pop("TAG", None)
     cmd = ["bash", str(REPO / "scripts/coop/base2new.sh"), "caltech101", "10", "1"]
+    dirs = []
     for extra in ("", "OPTIM.MAX_EPOCH 5", "OPTIM.MAX_EPOCH 5 DATALOADER.NUM_WORKERS 0"):
         out = subprocess.run(cmd, capture_output=True, text=True, env={**env, "EXTRA": extra})
         assert out.returncode == 0 and "results go to" in out.stdout, out.stderr
+        dirs += [line.split()[1] for line in out.stdout.splitlines() if line.startswith("[step] ")]
     calls = log.read_text().splitlines()
-    assert len(calls) == 6 and all("--skip-finished" in c for c in calls)
-    dirs = [c.split("--output-dir ")[1].split()[0] for c in calls]
+    assert len(calls) == 3 and all(c.startswith("-m tools.runs base2new ") and "--trainer CoOp" in c for c in calls)
     base = str(tmp_path / "out/base2new_imb10/{}/caltech101/CoOp/{}/seed1")
     variant = [base.format(kind, "vit_b16_ep50_ctxv1_max_epoch5") for kind in ("train_base", "test_new")]
     assert dirs[:2] == [base.format(kind, "vit_b16_ep50_ctxv1") for kind in ("train_base", "test_new")]
     assert dirs[2:4] == variant and dirs[4:6] == variant  # the worker count is run-neutral: same folder
-    fake.write_text("#!/usr/bin/env bash\nexit 2\n")  # train.py refusing: the script stops with its code
+    fake.write_text("#!/usr/bin/env bash\nexit 2\n")  # the entry point refusing: the script stops with its code
     assert subprocess.run(cmd, capture_output=True, text=True, env={**env, "TAG": "x"}).returncode == 2
 
 

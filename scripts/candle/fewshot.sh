@@ -3,6 +3,5 @@
 # usage: bash scripts/candle/fewshot.sh DATASET SHOTS [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=Candle
-CFG="${CFG:-vit_b16_bs128_lr0.0003_ep50}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 fewshot "$@"

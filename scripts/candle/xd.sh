@@ -5,6 +5,5 @@
 # their text-initialised prototypes (the reference instead retrains per target with its names; trainers/candle.py).
 set -euo pipefail
 TRAINER=Candle
-CFG="${CFG:-vit_b16_bs128_lr0.0003_ep50}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 xd "$@"

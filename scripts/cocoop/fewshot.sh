@@ -3,6 +3,5 @@
 # usage: bash scripts/cocoop/fewshot.sh DATASET SHOTS [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=CoCoOp
-CFG="${CFG:-vit_b16_c4_ep10_batch1_ctxv1}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 fewshot "$@"

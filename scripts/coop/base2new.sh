@@ -3,6 +3,5 @@
 # usage: bash scripts/coop/base2new.sh DATASET IMB [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=CoOp
-CFG="${CFG:-vit_b16_ep50_ctxv1}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 base2new "$@"

@@ -3,6 +3,5 @@
 # usage: bash scripts/lamp/fewshot.sh DATASET SHOTS [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=LAMP
-CFG="${CFG:-vit_b16_fewshot}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 fewshot "$@"

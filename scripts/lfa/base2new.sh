@@ -5,6 +5,5 @@
 # EXTRA="TRAINER.LFA.ITERS N".
 set -euo pipefail
 TRAINER=LFA
-CFG="${CFG:-vit_b16_b2n_beta0.9}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 base2new "$@"

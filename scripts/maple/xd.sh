@@ -3,6 +3,5 @@
 # usage: bash scripts/maple/xd.sh [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=MaPLe
-CFG="${CFG:-vit_b16_c2_ep2_batch4_2ctx_cross_datasets}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 xd "$@"

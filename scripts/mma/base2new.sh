@@ -3,6 +3,5 @@
 # usage: bash scripts/mma/base2new.sh DATASET IMB [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=MMA
-CFG="${CFG:-vit_b16_ep5}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 base2new "$@"

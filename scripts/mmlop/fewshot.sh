@@ -3,6 +3,5 @@
 # usage: bash scripts/mmlop/fewshot.sh DATASET SHOTS [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=MMLoP
-CFG="${CFG:-vit_b16_b2n}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 fewshot "$@"

@@ -3,6 +3,5 @@
 # usage: bash scripts/vamp/dg.sh [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=VaMP
-CFG="${CFG:-vit_b16_xd}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 dg "$@"

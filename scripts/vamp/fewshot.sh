@@ -3,6 +3,5 @@
 # usage: bash scripts/vamp/fewshot.sh DATASET SHOTS [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=VaMP
-if [ "${1:-}" = imagenet ]; then CFG="${CFG:-vit_b16_b2n_imagenet}"; else CFG="${CFG:-vit_b16_b2n}"; fi  # ImageNet: batch 32, 5 epochs
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 fewshot "$@"

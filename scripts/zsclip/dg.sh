@@ -3,6 +3,5 @@
 # usage: bash scripts/zsclip/dg.sh [SEED ...]   (default seeds 1 2 3 4 5; env: see scripts/lib.sh)
 set -euo pipefail
 TRAINER=ZeroshotCLIP
-CFG="${CFG:-vit_b16}"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 dg "$@"

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tools.tables.render import _md_table, fmt
-from tools.tables.spec import REPO, SPEC_DIR, SpecError, _check_trainer_config, _safe_name, read_yaml
+from tools.tables.spec import SPEC_DIR, SpecError, _check_trainer_config, _safe_name, read_yaml
 
 KEYS = {"name", "title", "dataset", "setting", "seed", "methods", "hm_from", "paper"}
 
@@ -50,24 +50,26 @@ def read_efficiency_paper(path):
 
 
 def measure(method, dataset, setting, seed, data_root, out_dir, extra_opts, cpu_shots):
-    """Build the trainer exactly as train.py does (the config's own epochs and schedule), then time its first
+    """Build the trainer exactly as a run's step does (the config's own epochs and schedule), then time its first
     epoch and one test pass."""
     import torch
-    import train
+
+    import datasets  # noqa: F401  (registers the datasets)
+    import trainers  # noqa: F401  (registers the trainers)
     from engine.config import build_cfg
+    from engine.runs import build_trainer, dataset_config_file, trainer_config_file
 
     cuda = torch.cuda.is_available()
     shots = 100 if cuda else cpu_shots
     run_dir = os.path.join(out_dir, "runs", method["trainer"])
     ns = argparse.Namespace(
         root=data_root, seed=seed, trainer=method["trainer"], output_dir=run_dir,
-        dataset_config_file=str(REPO / "configs" / "datasets" / f"{dataset}.yaml"),
-        config_file=str(REPO / "configs" / "trainers" / method["trainer"] / f"{method['config']}.yaml"),
+        dataset_config_file=dataset_config_file(dataset), config_file=trainer_config_file(method["trainer"], method["config"]),
         opts=["DATASET.NUM_SHOTS", str(shots), "DATASET.IMB_FACTOR", str(setting), "DATASET.SUBSAMPLE_CLASSES", "base",
               "DATASET.CACHE_DIR", os.path.join(out_dir, "cache")]
         + list(method.get("opts") or []) + list(extra_opts))
     cfg = build_cfg(ns)
-    trainer = train.build_trainer(cfg, {"config": method["config"], "experiment": "efficiency"})
+    trainer = build_trainer(cfg, {"config": method["config"], "experiment": "efficiency"})
     params = trainer.count_trainable_parameters()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -4,13 +4,12 @@ Local: N jobs ("lanes"), one per GPU when GPUs are visible (``CUDA_VISIBLE_DEVIC
 submitit), each given every pending unit (starting at a different offset). A lane takes a unit's step by
 locking ``<run folder>/.table.lock`` (``flock``, released by the kernel when the process dies), so a run is
 never executed twice at once, and a killed job's run is free for the next launch. SLURM: one array task per
-unit (``--array-parallelism`` at a time), same locking. Each step is ``train.main(argv)`` in the job's process
-(the exact arguments of scripts/lib.sh); its log is ``log.txt`` in its run folder; a failure writes
-``table_error.log`` next to it and does not stop the other units.
+unit (``--array-parallelism`` at a time), same locking. Each step is ``engine.runs.main(argv)`` in the job's
+process (the run API's step, the same the per-method scripts run); its log is ``log.txt`` in its run folder; a
+failure writes ``table_error.log`` next to it and does not stop the other units.
 """
 import contextlib
 import datetime
-import fcntl
 import io
 import json
 import os
@@ -23,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from engine.cli import UserError
-from tools.tables.plan import LOCK_NAME
+from engine.runs import finished, release, try_lock
 from tools.tables.spec import REPO
 
 ERROR_LOG = "table_error.log"
@@ -37,23 +36,6 @@ def _job_info():
         return {"job_id": env.job_id, "job_log": str(env.paths.stderr)}
     except Exception:  # not inside a submitit job (tests call run_lane directly)
         return {"job_id": "", "job_log": ""}
-
-
-def _try_lock(folder):
-    """An open fd holding the exclusive lock of ``folder``, or None when another process holds it."""
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _release(fd):
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
 
 
 class _Tee(io.TextIOBase):
@@ -71,20 +53,22 @@ class _Tee(io.TextIOBase):
 
 
 def error_line(text):
-    """The last ``error: ...`` line train.py printed (engine.cli's one-line errors), or ''."""
+    """The last ``error: ...`` line a step printed (engine.cli's one-line errors), or ''."""
     lines = [l.strip() for l in text.splitlines() if l.strip().startswith("error:")]
     return lines[-1] if lines else ""
 
 
 def run_step(step, info):
-    """Run one train.py invocation in this process; returns (ok, message). A failure's message is train.py's
-    ``error:`` line (the reason), or the last line of a crash's traceback."""
-    import train  # the repository root is on sys.path (PYTHONPATH set by the launcher)
+    """Run one step (train.py's arguments) in this process; returns (ok, message). A failure's message is the
+    step's ``error:`` line (the reason), or the last line of a crash's traceback."""
+    import datasets  # noqa: F401  (registers the datasets; the repository root is on sys.path: PYTHONPATH)
+    import trainers  # noqa: F401  (registers the trainers)
+    from engine.runs import main
     tee = _Tee(sys.stderr)
     try:
         with contextlib.redirect_stderr(tee):
-            rc = train.main(list(step["argv"]))
-        if rc == 0 and os.path.isfile(os.path.join(step["folder"], "results.json")):
+            rc = main(list(step["argv"]))
+        if rc == 0 and finished(step["folder"]):
             return True, ""
         reason = error_line(tee.kept.getvalue())
         message = f"train.py exited with code {rc}" + (f": {reason}" if reason else "")
@@ -101,9 +85,9 @@ def run_unit(unit, lane):
     """Run the unfinished steps of one unit (a training run then its evaluations)."""
     info = _job_info()
     for step in unit["steps"]:
-        if os.path.isfile(os.path.join(step["folder"], "results.json")):
+        if finished(step["folder"]):
             continue
-        fd = _try_lock(step["folder"])
+        fd = try_lock(step["folder"])
         if fd is None:
             return {"unit": unit["key"], "status": "busy", "folder": step["folder"], "lane": lane, "pid": os.getpid()}
         try:
@@ -111,11 +95,11 @@ def run_unit(unit, lane):
             os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "lane": lane,
                                      "job_id": info["job_id"], "job_log": info["job_log"],
                                      "started": time.time()}).encode())
-            if os.path.isfile(os.path.join(step["folder"], "results.json")):  # finished while we waited
+            if finished(step["folder"]):  # finished while we waited
                 continue
             ok, message = run_step(step, info)
         finally:
-            _release(fd)
+            release(fd)
         if not ok:
             return {"unit": unit["key"], "status": "failed", "folder": step["folder"], "lane": lane,
                     "pid": os.getpid(), "message": message,

@@ -2,14 +2,12 @@
 
 A *unit* is what one job executes in order: for B2N a training run on the base classes and the evaluation
 of that model on the new classes; for XD / DG one training run on the source dataset and one evaluation per
-target. Folders and arguments follow ``scripts/lib.sh`` exactly (``b2n_seeds`` and ``transfer``), with the
-variant opts in the folder name (``<config>[_la]<variant_tag(opts)>``), so a table reuses the runs the
-per-method scripts made and vice versa (for the same opts).
+target. Folders, arguments and states come from the run API (engine/runs.py), the same one the per-method
+scripts use, with the variant opts in the folder name (``<config>[_la]<variant_tag(opts)>``), so a table
+reuses the runs the per-method scripts made and vice versa (for the same opts).
 
 Nothing here writes: the state of a run is read from its folder (``results.json``, the lock file).
 """
-import errno
-import fcntl
 import functools
 import json
 import math
@@ -19,62 +17,16 @@ from dataclasses import dataclass, field
 import yaml
 
 from engine.config import load_yaml, read_config_file
-from engine.run_identity import variant_tag
+from engine.registry import TRAINER_REGISTRY
+from engine.runs import (LOCK_NAME, DataRef, RunConfig, Step, b2n_steps, config_folder, experiment_name,  # noqa: F401
+                         lock_held, transfer_steps)
 from tools.tables.spec import PLANNER_KEYS, REPO, SpecError, dataset_info
 
-LOCK_NAME = ".table.lock"
-# Trainers with nothing to train: their "training" run only evaluates (0 training steps).
-UNTRAINED_TRAINERS = {"ZeroshotCLIP"}
 ENGINE_DEFAULTS = {"OPTIM.MAX_EPOCH": 10, "DATALOADER.TRAIN_X.BATCH_SIZE": 32}  # engine/config.py
 
 
 # results.json fields a collected run must agree on with its plan (tools/tables/results.py checks them)
 CHECKED_FIELDS = ("trainer", "dataset", "seed", "subsample_classes", "imb_factor", "num_shots", "loss", "config")
-
-
-@dataclass
-class Step:
-    folder: str
-    dataset: str            # folder name of the dataset (spec name)
-    argv: list              # train.py arguments
-    eval_only: bool = False
-
-    def expected(self):
-        """What this run's results.json must record, read back from its own train.py arguments: trainer,
-        dataset (DATASET.NAME of its dataset config), seed, subsample_classes / imb_factor / num_shots / loss
-        where the arguments set them (last value wins, as in yacs), and config = the run's config folder
-        name (config + "_la" + variant tag; train.py records that folder name)."""
-        argv = list(self.argv)
-        flags = {}
-        i = 0
-        while i < len(argv) and argv[i].startswith("--"):
-            if argv[i] == "--eval-only":
-                i += 1
-                continue
-            flags[argv[i]] = argv[i + 1]
-            i += 2
-        opts = dict(zip(argv[i::2], argv[i + 1::2]))
-        dataset = opts.get("DATASET.NAME") or _dataset_cfg_name(os.path.splitext(os.path.basename(flags["--dataset-config-file"]))[0])
-        out = {"trainer": flags["--trainer"], "dataset": dataset, "seed": int(flags["--seed"]),
-               "config": os.path.basename(os.path.dirname(os.path.normpath(self.folder)))}
-        for key, field_name, cast in (("DATASET.SUBSAMPLE_CLASSES", "subsample_classes", str),
-                                      ("DATASET.IMB_FACTOR", "imb_factor", float),
-                                      ("DATASET.NUM_SHOTS", "num_shots", int), ("TRAINER.LOSS", "loss", str)):
-            if key in opts:
-                out[field_name] = cast(opts[key])
-        return out
-
-    @property
-    def done(self):
-        return os.path.isfile(os.path.join(self.folder, "results.json"))
-
-    def state(self):
-        """done | running | partial | missing of this one run (read-only)."""
-        if self.done:
-            return "done"
-        if lock_held(self.folder):
-            return "running"
-        return "partial" if os.path.isdir(self.folder) else "missing"
 
 
 @dataclass
@@ -100,35 +52,14 @@ class Unit:
         return "missing"
 
 
-def lock_held(folder):
-    """True when a live process holds the lock of ``folder`` (never creates anything)."""
-    path = os.path.join(folder, LOCK_NAME)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return True
-        raise
-    finally:
-        os.close(fd)
-    return False
-
-
 def folder_tag(row, spec_opts=(), extra_opts=(), config=None):
-    tag = (config or row.config) + ("_la" if row.loss == "la" else "")
-    return tag + variant_tag(list(spec_opts) + list(row.opts) + list(extra_opts))
+    """The config folder of a row's runs (every opt named, run-neutral ones too: table folders always have)."""
+    return config_folder(config or row.config, row.loss, list(spec_opts) + list(row.opts) + list(extra_opts),
+                         neutral_in_tag=True)
 
 
 def experiment(spec, setting):
-    if spec.regime == "lt_b2n":
-        return f"base2new_imb{setting}"
-    if spec.regime == "fewshot":
-        return f"fewshot_{setting}shots"
-    return f"{spec.regime}_imb{setting}"
+    return experiment_name(spec.regime, setting)
 
 
 def _config_value(trainer, config, key, opts, default=None):
@@ -172,26 +103,19 @@ def train_images(dataset, regime, setting, all_classes=False, cap=None):
 
 def estimate_steps(row, dataset_cfg_name, regime, setting, opts, all_classes=False, config=None):
     """(training steps, training classes); (None, None) for a dataset not in configs/tables/datasets.yaml.
-    ``config``: the unit's trainer config (default the row's)."""
+    ``config``: the unit's trainer config (default the row's). The method counts its steps
+    (``MethodInfo.train_steps``; 0 for a method that does not train)."""
     config = config or row.config
+    info = TRAINER_REGISTRY.info(row.trainer)
     shots = dict(zip(list(opts)[0::2], list(opts)[1::2])).get("DATASET.NUM_SHOTS")
     size = train_images(dataset_cfg_name, regime, setting, all_classes, int(shots) if shots else None)
     if size is None:
-        return (0 if row.trainer in UNTRAINED_TRAINERS else None), None
+        return (None if info.trains else 0), None
     classes, images = size
-    if row.trainer in UNTRAINED_TRAINERS:
+    if not info.trains:
         return 0, classes
-    if row.trainer == "LFA":  # one engine epoch = one full-batch iteration (trainers/lfa.py)
-        iters = _config_value("LFA", config, "TRAINER.LFA.ITERS", opts, 0)
-        if not iters:
-            table = _config_value("LFA", config, "TRAINER.LFA.ITERS_PER_DATASET", opts, {}) or {}
-            name = _dataset_cfg_name(dataset_cfg_name)
-            iters = table.get(name, _config_value("LFA", config, "TRAINER.LFA.DEFAULT_ITERS", opts, 50))
-        return int(iters), classes
-    epochs = int(_config_value(row.trainer, config, "OPTIM.MAX_EPOCH", opts))
-    batch = int(_config_value(row.trainer, config, "DATALOADER.TRAIN_X.BATCH_SIZE", opts))
-    per_epoch = images // batch if images >= batch else 1  # engine/data.py: drop_last when >= one batch
-    return epochs * per_epoch, classes
+    value = lambda key, default=None: _config_value(row.trainer, config, key, opts, default)  # noqa: E731
+    return info.train_steps(value, images, classes, _dataset_cfg_name(dataset_cfg_name)), classes
 
 
 @functools.lru_cache(maxsize=None)
@@ -253,48 +177,34 @@ def build_plan(spec, output="output", data_root="data", extra_opts=()):
         raise SpecError(f"--opts may not set {', '.join(moved)} (use --output / --data)")
     out = os.path.abspath(output)
     data = os.path.abspath(data_root)
-    cache = os.path.join(out, "cache")
     units, identities, members = {}, {}, []
     for setting in spec.settings:
-        exp = experiment(spec, setting)
         for row in spec.rows:
-            common = ["TRAINER.LOSS", row.loss] + list(spec.opts) + list(row.opts) + extra_opts
-            opts_for_cost = list(spec.opts) + list(row.opts) + extra_opts
-            opts_key = tuple(sorted(zip(opts_for_cost[0::2], opts_for_cost[1::2])))
+            opts = list(spec.opts) + list(row.opts) + extra_opts
+            opts_key = tuple(sorted(zip(opts[0::2], opts[1::2])))
+
+            def run_config(cfg):
+                return RunConfig(row.trainer, cfg, folder_tag(row, spec.opts, extra_opts, cfg), row.loss, tuple(opts))
+
+            def ref(ds):
+                return DataRef(ds.name, ds.config, tuple(_inside_data(ds, data)))
+
             for seed in spec.seeds:
-                def args(folder, dataset, regime_opts, config, eval_from=None):
-                    flags = ["--eval-only", "--model-dir", eval_from] if eval_from else []
-                    tcfg = str(REPO / "configs" / "trainers" / row.trainer / f"{config}.yaml")
-                    return (["--root", data, "--seed", str(seed), "--trainer", row.trainer,
-                             "--dataset-config-file", str(REPO / "configs" / "datasets" / f"{dataset.config}.yaml"),
-                             "--config-file", tcfg, "--output-dir", folder] + flags
-                            + ["DATASET.CACHE_DIR", cache] + regime_opts + _inside_data(dataset, data) + common)
                 if spec.b2n:
-                    shots, imb = (100, setting) if spec.regime == "lt_b2n" else (setting, 1)
                     for ds in spec.datasets:
                         cfg = row.config_for(ds.name)
-                        tag = folder_tag(row, spec.opts, extra_opts, cfg)
-                        train_dir = os.path.join(out, exp, "train_base", ds.name, row.trainer, tag, f"seed{seed}")
-                        new_dir = os.path.join(out, exp, "test_new", ds.name, row.trainer, tag, f"seed{seed}")
-                        data_opts = ["DATASET.NUM_SHOTS", str(shots), "DATASET.IMB_FACTOR", str(imb)]
-                        steps = [Step(train_dir, ds.name, args(train_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "base"], cfg)),
-                                 Step(new_dir, ds.name, args(new_dir, ds, data_opts + ["DATASET.SUBSAMPLE_CLASSES", "new"], cfg, train_dir), True)]
-                        n, classes = estimate_steps(row, ds.config, spec.regime, setting, opts_for_cost, config=cfg)
-                        _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
-                                                     (row.trainer, cfg, row.loss, opts_key, ds), cfg))
+                        steps = b2n_steps(run_config(cfg), out, data, spec.regime, setting, ref(ds), seed)
+                        n, classes = estimate_steps(row, ds.config, spec.regime, setting, opts, config=cfg)
+                        _add(units, identities, members, Unit(steps[0].folder, row, setting, seed, steps, n, classes,
+                                                              (row.trainer, cfg, row.loss, opts_key, ds), cfg))
                 else:
                     src = spec.source
                     cfg = row.config_for(src.name)      # the targets are evaluated with the source run's config
-                    tag = folder_tag(row, spec.opts, extra_opts, cfg)
-                    train_dir = os.path.join(out, f"xd_imb{setting}", "train_all", src.name, row.trainer, tag, f"seed{seed}")
-                    steps = [Step(train_dir, src.name, args(train_dir, src, ["DATASET.NUM_SHOTS", "100", "DATASET.IMB_FACTOR",
-                                                                             str(setting), "DATASET.SUBSAMPLE_CLASSES", "all"], cfg))]
-                    for ds in spec.datasets:
-                        d = os.path.join(out, exp, "test_all", ds.name, row.trainer, tag, f"seed{seed}")
-                        steps.append(Step(d, ds.name, args(d, ds, ["DATASET.SUBSAMPLE_CLASSES", "all"], cfg, train_dir), True))
-                    n, classes = estimate_steps(row, src.config, "lt_b2n", setting, opts_for_cost, all_classes=True, config=cfg)
-                    _add(units, identities, members, Unit(train_dir, row, setting, seed, steps, n, classes,
-                                                 (row.trainer, cfg, row.loss, opts_key, src), cfg))
+                    steps = transfer_steps(run_config(cfg), out, data, spec.regime, setting, ref(src),
+                                           [ref(ds) for ds in spec.datasets], seed)
+                    n, classes = estimate_steps(row, src.config, "lt_b2n", setting, opts, all_classes=True, config=cfg)
+                    _add(units, identities, members, Unit(steps[0].folder, row, setting, seed, steps, n, classes,
+                                                          (row.trainer, cfg, row.loss, opts_key, src), cfg))
     return Plan(spec, out, list(units.values()), members)
 
 
