@@ -353,7 +353,7 @@ def main(argv=None):
 
 def execute_step(step, skip_finished=False):
     """Run ``step`` (a Step) in this process; returns its exit code (expected errors: one line, 2)."""
-    return main(list(step.argv) + (["--skip-finished"] if skip_finished else []))
+    return main((["--skip-finished"] if skip_finished else []) + list(step.argv))
 
 
 def execute_steps(steps, skip_finished=True):

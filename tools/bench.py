@@ -5,7 +5,7 @@
     python -m tools.bench --trainer LAMP --params-only
     python -m tools.bench --trainer LAMP MODEL.TEXT_PREFIX_CACHE False MODEL.TRUNCATE_TEXT False
 
-Without --config-file the trainer's default config (its ``default_config`` in configs/trainers/<NAME>/)
+Without --config-file the trainer's default config (its registry entry's base-to-new config)
 is used. Images and labels are random tensors; class names are real object names of 1-3 words (so the
 shared text prefix is the template only, as on real datasets).
 
@@ -80,9 +80,8 @@ class BenchDataset:
 
 
 def default_config_file(trainer_name):
-    cls = TRAINER_REGISTRY.get(trainer_name)
-    name = getattr(cls, "default_config", "")
-    return str(REPO_ROOT / "configs" / "trainers" / trainer_name / name) if name else ""
+    name = TRAINER_REGISTRY.info(trainer_name).default_config
+    return str(REPO_ROOT / "configs" / "trainers" / trainer_name / f"{name}.yaml") if name else ""
 
 
 def peak_memory_mb(device):
@@ -168,8 +167,9 @@ def estimate_peak(trainer, per_seq, per_image, batch, classes):
     trainable = sum(p.numel() * p.element_size() for m in trainer._models.values() for p in m.parameters()
                     if p.requires_grad)
     images = batch
-    if hasattr(trainer, "images_per_micro_batch"):
-        images = trainer.images_per_micro_batch(batch, classes)
+    hook = TRAINER_REGISTRY.info(trainer.cfg.TRAINER.NAME).bench_images_per_backward
+    if hook is not None:
+        images = hook(trainer, batch, classes)
     seqs = images * classes if per_seq else 0
     return model + 4 * trainable + images * per_image + seqs * per_seq, images, seqs
 
@@ -204,8 +204,9 @@ def main(argv=None):
             return 0
         batch = random_batch(trainer, args.batch, args.classes)
         trainer.set_model_mode("train")
-        if hasattr(trainer, "prepare_benchmark"):
-            trainer.prepare_benchmark(batch)
+        prepare = TRAINER_REGISTRY.info(args.trainer).bench_prepare
+        if prepare is not None:
+            prepare(trainer, batch)
         # A method with nothing to train (zero-shot CLIP) has no training step: time its inference instead.
         step_kind = "training" if n_params else "inference"
         if n_params:

@@ -46,9 +46,11 @@ def summarise(plan, cells):
 
 
 def zero_shot_new(plan, cells):
-    """[(dataset, new-class accuracy of zero-shot CLIP)] for the datasets where it finished."""
+    """[(dataset, new-class accuracy of zero-shot CLIP)] for the datasets where it finished (zero-shot CLIP: the
+    row of a method that does not train, by its registry entry)."""
+    from engine.registry import TRAINER_REGISTRY
     setting = plan.spec.settings[0]
-    rows = [r for r in plan.spec.rows if r.trainer == "ZeroshotCLIP"]
+    rows = [r for r in plan.spec.rows if not TRAINER_REGISTRY.info(r.trainer).trains]
     if not rows:
         return []
     return [(d.name, cells[(setting, rows[0].label, d.name, "new_acc")].mean) for d in plan.spec.datasets

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+import trainers  # noqa: F401  (the methods' registry entries: whether they train, how their steps are counted)
 from engine.config import load_yaml, read_config_file
 from engine.registry import TRAINER_REGISTRY
 from engine.runs import (LOCK_NAME, DataRef, RunConfig, Step, b2n_steps, config_folder, experiment_name,  # noqa: F401

@@ -115,14 +115,14 @@ STATS = ("min", "max", "entropy")
 
 
 def plot_expert_load(plan, out_dir):
-    """One heatmap per LAMP run folder with ``load_diagnostics`` in its results.json (first seed of each
+    """One heatmap per run folder with ``load_diagnostics`` in its results.json (LAMP's; first seed of each
     row / dataset / setting): rows = LAMP layers, columns = the pool entries, colour = selection frequency
     x M (1 = its fair share) in the last training epoch. Older results without per-entry frequencies give
     min / max frequency x M and entropy / log M instead. Runs without selections (no pool) get none."""
     paths = []
     seen = set()
     for u in plan.members or plan.units:
-        if u.row.trainer != "LAMP" or (u.setting, u.row.label) in seen:
+        if (u.setting, u.row.label) in seen:
             continue
         path = os.path.join(u.steps[0].folder, "results.json")
         if not os.path.isfile(path):
