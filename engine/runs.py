@@ -95,6 +95,15 @@ class RunConfig:
     loss: str = "ce"
     opts: tuple = ()
 
+    def __post_init__(self):
+        """+LA for a method without a cross-entropy to adjust (``MethodInfo.la == "refused"``) is refused here,
+        before a script or a table launches anything."""
+        if self.loss not in ("ce", "la"):
+            raise ConfigError(f"loss must be ce or la, got {self.loss!r}")
+        if self.loss == "la" and TRAINER_REGISTRY.info(self.trainer).la == "refused":
+            raise ConfigError(f"{self.trainer} has no cross-entropy to logit-adjust (its registry entry refuses "
+                              f"+LA): run it with loss ce")
+
 
 @dataclass(frozen=True)
 class DataRef:
