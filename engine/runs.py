@@ -26,13 +26,14 @@ and ``python -m tools.runs`` do).
 import argparse
 import errno
 import fcntl
+import functools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.cli import UserError, call_cli
-from engine.config import ConfigError, build_cfg
+from engine.config import ConfigError, build_cfg, load_yaml
 from engine.registry import TRAINER_REGISTRY
 from engine.run_identity import RunIdentityError, check_manifest, check_run_folder, read_run_config, run_tag, variant_tag
 from engine.trainer import RunError
@@ -146,9 +147,9 @@ class Step:
         return folder_state(self.folder)
 
 
+@functools.lru_cache(maxsize=None)
 def dataset_name(config_file):
     """DATASET.NAME of a dataset config file (its stem when it names none)."""
-    from engine.config import load_yaml
     data = load_yaml(config_file, "dataset config") or {}
     return (data.get("DATASET") or {}).get("NAME", Path(config_file).stem)
 

@@ -80,7 +80,7 @@ def test_official_mmrl_key_alpha_and_script_opts_load_unchanged(capsys):
 def test_alpha_in_a_config_file(tmp_path):
     text = (REPO / "configs/trainers/MMRL/vit_b16_b2n.yaml").read_text().replace("SCALE: 0.7", "ALPHA: 0.55")
     assert "ALPHA: 0.55" in text
-    (tmp_path / "official.yaml").write_text(text)
+    (tmp_path / "official.yaml").write_text(text.replace("../../base/", f"{REPO}/configs/base/"))  # its _BASE_ from here
     assert _cfg("MMRL", tmp_path / "official.yaml", "dtd").TRAINER.MMRL.SCALE == 0.55
 
 

@@ -170,6 +170,17 @@ def test_step_estimates_come_from_the_registry(monkeypatch):
     assert seen == ["DescribableTextures"]
 
 
+def test_image_counts_follow_the_sampling_profile():
+    from lt_sampling.profiles import exp_profile
+    from tools.tables.plan import train_images
+    from tools.tables.spec import dataset_info
+    info = dataset_info()["dtd"]
+    per_class, base = info["train_images"] // info["classes"], -(-info["classes"] // 2)
+    assert train_images("dtd", "lt_b2n", 10) == (base, sum(exp_profile(min(100, per_class), base, 10)))
+    assert train_images("dtd", "lt_b2n", 10, cap=-1) == (base, sum(exp_profile(per_class, base, 10)))  # every image
+    assert train_images("dtd", "fewshot", 4) == (base, 4 * base)
+
+
 def test_bench_uses_the_registry_hooks(monkeypatch, capsys):
     from tools.bench import main as bench
     calls = []

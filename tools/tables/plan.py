@@ -21,6 +21,7 @@ from engine.config import load_yaml, read_config_file
 from engine.registry import TRAINER_REGISTRY
 from engine.runs import (LOCK_NAME, DataRef, RunConfig, Step, b2n_steps, config_folder, experiment_name,  # noqa: F401
                          lock_held, transfer_steps)
+from lt_sampling.profiles import exp_profile
 from tools.tables.spec import PLANNER_KEYS, REPO, SpecError, dataset_info
 
 ENGINE_DEFAULTS = {"OPTIM.MAX_EPOCH": 10, "DATALOADER.TRAIN_X.BATCH_SIZE": 32}  # engine/config.py
@@ -87,19 +88,18 @@ def _trainer_yaml(trainer, config):
 @functools.lru_cache(maxsize=None)
 def train_images(dataset, regime, setting, all_classes=False, cap=None):
     """(classes, images) of a training run, from configs/tables/datasets.yaml, equal class sizes assumed:
-    per-class cap (100 or the shots; ``cap``: a DATASET.NUM_SHOTS opt), then the exponential profile of
-    datasets/base.py over the classes."""
+    per-class cap (100 or the shots; ``cap``: a DATASET.NUM_SHOTS opt, -1 = every image), then the long-tailed
+    profile the data pipeline draws (lt_sampling's exponential profile) over the classes."""
     info = dataset_info().get(dataset)
     if info is None:  # e.g. a dataset of an ad-hoc spec: the run is planned, its cost is unknown
         return None
     classes = info["classes"] if all_classes else math.ceil(info["classes"] / 2)
     per_class = info["train_images"] // info["classes"]
+    default_cap = setting if regime == "fewshot" else 100
+    n_max = per_class if cap is not None and cap < 0 else min(cap or default_cap, per_class)
     if regime == "fewshot":
-        return classes, classes * min(cap or setting, per_class)
-    n_max, rho = min(cap or 100, per_class), 1.0 / setting
-    if classes == 1:
-        return 1, n_max
-    return classes, sum(int(max(n_max * rho ** (i / (classes - 1)), 1)) for i in range(classes))
+        return classes, classes * n_max
+    return classes, sum(exp_profile(n_max, classes, setting))
 
 
 def estimate_steps(row, dataset_cfg_name, regime, setting, opts, all_classes=False, config=None):
