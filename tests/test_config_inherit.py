@@ -1,6 +1,9 @@
 """Trainer configs inherit (``_BASE_``): the resolved config of every shipped trainer yaml is the one it had
 before the shared CLIP input block moved into configs/base/ (fixture captured from the pre-inheritance files),
-and the inheritance itself (order, relative paths, lists, cycles, bad values) behaves as documented."""
+and the inheritance itself (order, relative paths, lists, cycles, bad values) behaves as documented.
+
+The fixture is a snapshot: a deliberate change of a shipped config (or a new one) is recorded with
+``PYTHONPATH=. python tests/test_config_inherit.py`` and reviewed in the diff."""
 import argparse
 import json
 from pathlib import Path
@@ -65,3 +68,8 @@ def test_bad_bases_are_one_clear_error(tmp_path, body, message):
     (tmp_path / "self.yaml").write_text(body)
     with pytest.raises(ConfigError, match=message):
         read_config_file(tmp_path / "self.yaml")
+
+
+if __name__ == "__main__":
+    FIXTURE.write_text(json.dumps({rel: _resolved(rel) for rel in SHIPPED}, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {FIXTURE} ({len(SHIPPED)} configs)")
