@@ -213,3 +213,24 @@ def test_no_module_imports_train_py_and_lib_sh_leaves_the_layout_to_the_run_api(
     assert "tools.runs" in lib and not any(w in lib for w in ("train_base", "test_new", "train_all", "test_all",
                                                                   "train.py"))
     assert not [p for p in (REPO / "scripts").rglob("*.sh") if "train_base" in p.read_text()]
+
+
+def test_a_spec_row_without_config_takes_the_methods_own():
+    from tools.tables import build_plan, load_spec
+    from tools.tables.spec import SpecError
+
+    def spec(regime, datasets, **method):
+        raw = {"name": "t", "regime": regime, "settings": [16 if regime == "fewshot" else 10], "seeds": [1],
+               "datasets": datasets, "methods": [dict(label="M", **method)], "layout": {}}
+        return load_spec(raw)
+
+    plan = build_plan(spec("fewshot", ["imagenet", "dtd"], trainer="MMA"), "o")
+    assert {u.steps[0].dataset: u.config for u in plan.units} == {"imagenet": "vit_b16_ep5_fewshot_imagenet",
+                                                                  "dtd": "vit_b16_ep5_fewshot"}
+    assert {u.config for u in build_plan(spec("lt_b2n", ["imagenet"], trainer="LAMP"), "o").units} == {"vit_b16_lt_b2n"}
+    row = spec("xd", ["dtd"], trainer="MaPLe").rows[0]
+    assert (row.config, row.config_by_dataset) == ("vit_b16_c2_ep2_batch4_2ctx_cross_datasets", ())
+    assert spec("lt_b2n", ["dtd"], trainer="MMRL").rows[0].config_by_dataset == ()   # no ImageNet run: no variant
+    assert spec("lt_b2n", ["dtd"], trainer="MMRL", config="vit_b16_xd").rows[0].config == "vit_b16_xd"  # named wins
+    with pytest.raises(SpecError, match="LFA has no xd config"):
+        spec("dg", ["imagenet_a"], trainer="LFA")

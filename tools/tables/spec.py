@@ -17,6 +17,8 @@ renderer all read the same object, so a table and the runs behind it cannot drif
     eval_key: test                # which entry of results.json's "results" the cells read
     methods:                      # the table's rows (each variant of a method is a row)
       - {label: CoOp+LA, trainer: CoOp, config: vit_b16_ep50_ctxv1, loss: la}
+      - {label: MMA, trainer: MMA}   # no config: the method's own for the regime (its registry entry), with its
+                                  # ImageNet variant as config_by_dataset where the spec trains on ImageNet
       - label: LAMP
         trainer: LAMP
         config: vit_b16_lt_b2n
@@ -240,6 +242,26 @@ def _value_label(value):
     return str(value), str(value)
 
 
+def _with_method_config(method, regime, trained_on, where):
+    """A method without ``config`` gets its own config for the regime from its registry entry (MethodInfo), and
+    its ImageNet variant as ``config_by_dataset`` where a run of the spec trains on ImageNet."""
+    if method.get("config") or not method.get("trainer"):
+        return method
+    import trainers  # noqa: F401  (the methods' registry entries)
+    from engine.registry import TRAINER_REGISTRY
+    from engine.runs import CONFIG_ROLE
+    trainer = _safe_name(method["trainer"], "trainer", where)
+    if trainer not in TRAINER_REGISTRY:
+        raise SpecError(f"{where}: unknown trainer {trainer!r} (known: {' '.join(TRAINER_REGISTRY.names())})")
+    info, role = TRAINER_REGISTRY.info(trainer), CONFIG_ROLE[regime]
+    if not info.config(role):
+        raise SpecError(f"{where}: {trainer} has no {role} config in its registry entry; name one (config: ...)")
+    method = dict(method, config=info.config(role))
+    if "config_by_dataset" not in method and "imagenet" in trained_on and info.config(role, "imagenet") != method["config"]:
+        method["config_by_dataset"] = {"imagenet": info.config(role, "imagenet")}
+    return method
+
+
 def _rows(method, where):
     unknown = set(method) - METHOD_KEYS
     if unknown:
@@ -377,18 +399,18 @@ def build_spec(raw, path=None):
     source = None
     if regime in ("xd", "dg"):
         source = _dataset(raw.get("source", "imagenet"), where)
-    rows = []
-    for i, method in enumerate(raw["methods"]):
-        rows += _rows(method, f"{where}: methods[{i}]")
-    labels = [r.label for r in rows]
-    dup = sorted({l for l in labels if labels.count(l) > 1})
-    if dup:
-        raise SpecError(f"{where}: duplicate row label(s) {dup}")
     datasets = [_dataset(d, f"{where}: datasets") for d in raw["datasets"]]
     names = [d.name for d in datasets]
     if len(set(names)) != len(names):
         raise SpecError(f"{where}: duplicate dataset(s) in {names}")
     trained_on = set(names) if regime in ("lt_b2n", "fewshot") else {source.name}
+    rows = []
+    for i, method in enumerate(raw["methods"]):
+        rows += _rows(_with_method_config(method, regime, trained_on, f"{where}: methods[{i}]"), f"{where}: methods[{i}]")
+    labels = [r.label for r in rows]
+    dup = sorted({l for l in labels if labels.count(l) > 1})
+    if dup:
+        raise SpecError(f"{where}: duplicate row label(s) {dup}")
     for r in rows:
         stray = sorted(set(dict(r.config_by_dataset)) - trained_on)
         if stray:
