@@ -8,7 +8,9 @@ Two records per trainer, taken before the training loop was split into component
   checksum of the eval logits after the steps. A trainer without trainable state records its logits only.
 - ``run``: a short ``train.py`` run on the generated dataset (2 epochs, warm-up on): the per-epoch losses,
   the test metrics and a checksum of the final checkpoint's weights, so the loop's order of work (seeding,
-  scheduler steps, hooks) is pinned too.
+  scheduler steps, hooks) is pinned too. LFA's 4 iterations were 4 engine epochs when this was recorded;
+  with its step schedule they are the 4 steps of one epoch: the recorded per-iteration losses are its
+  ``step_losses`` (read back from the run's TensorBoard scalars) and its one epoch loss is their mean.
 
 A refactor that keeps logits, losses and gradients keeps these values; a change of numerics fails here.
 ``RECORD_TRAINER_VALUES=1 pytest tests/test_trainer_values.py`` rewrites the fixture (only for a deliberate
@@ -23,7 +25,7 @@ import pytest
 import torch
 
 from engine.registry import TRAINER_REGISTRY
-from tests.helpers_run import run_train
+from tests.helpers_run import run_train, tensorboard_scalars
 from tools import bench
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trainer_values.json"
@@ -91,6 +93,8 @@ def run_values(name, root, tmp_path):
     out = {"epoch_losses": res["epoch_losses"],
            "results": {split: {k: m[k] for k in ("accuracy", "macro_f1", "mean_class_acc")}
                        for split, m in sorted(res["results"].items())}}
+    if name == "LFA":
+        out["step_losses"] = [e.value for e in tensorboard_scalars(tmp_path / "run")["train/loss"]]
     states = [torch.load(p, weights_only=True)["state_dict"] for p in sorted((tmp_path / "run").glob("*/model.pth.tar-*"))]
     out["final_weights"] = checksum(t for s in states for _, t in sorted(s.items()) if t.is_floating_point())
     return out
