@@ -1,4 +1,5 @@
-"""CoCoOp (Zhou et al., CVPR 2022): context shifted per image by a meta-net on the image feature.
+"""CoCoOp (Zhou et al., CVPR 2022; docs/methods/cocoop.md): context shifted per image by a meta-net on the
+image feature.
 All B x C prompts go through the text encoder as one batch (no per-image loop)."""
 import torch
 import torch.nn as nn
