@@ -5,7 +5,8 @@ A method subclasses ``TrainerX`` and implements ``build_model`` (create modules,
 ``engine.steps.micro_batched_step`` for a batch taken in parts) and ``model_inference(images)`` (logits over
 the dataset's active classes). Hook points for what a method changes:
 
-- the step: ``forward_backward``; ``engine.steps.micro_batched_step`` accumulates one step over parts;
+- the step: ``forward_backward``; ``images_per_micro_batch`` splits the default step into parts whose
+  gradients accumulate into one optimizer step (``engine.steps.micro_batched_step``, also for custom steps);
 - the batches: ``train_loader()`` (e.g. Candle's cached features);
 - the schedule: ``self.schedule`` (``engine.steps.Schedule``; e.g. LFA's full-batch steps, the LR per step);
 - the epoch: ``before_epoch`` / ``after_epoch``, ``epoch_scalars()`` (extra TensorBoard scalars per epoch);
@@ -39,7 +40,7 @@ from engine.optim import build_lr_scheduler, build_optimizer
 from engine.precision import Precision, resolve_precision
 from engine.prompted_clip import PromptedCLIP
 from engine.run_files import RunFiles, code_version  # noqa: F401  (code_version: re-exported)
-from engine.steps import Schedule
+from engine.steps import Schedule, micro_batched_step
 from engine.tensorboard import ScalarLog
 
 
@@ -207,14 +208,22 @@ class TrainerX:
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def forward_backward(self, batch):
-        """Default step: the (logit-adjusted) cross-entropy of ``self.logits(images)``. Methods with extra
-        loss terms or other inputs override this."""
+        """Default step: the (logit-adjusted) cross-entropy of ``self.logits(images)``, over parts of at most
+        ``images_per_micro_batch`` images (one part unless a method bounds it). Methods with extra loss terms
+        or other inputs override this."""
         images, labels = self.parse_batch_train(batch)
-        with self.autocast():
-            logits = self.logits(images)
-            loss = self.compute_loss(logits, labels)
-        self.model_backward_and_update(loss)
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+
+        def part_loss(part):
+            logits = self.logits(images[part])
+            loss = self.compute_loss(logits, labels[part])
+            return loss, {"loss": loss, "acc": (logits.argmax(1) == labels[part]).float().mean().item() * 100}
+
+        return micro_batched_step(self, images.shape[0], self.images_per_micro_batch(images.shape[0]), part_loss)
+
+    def images_per_micro_batch(self, batch):
+        """Images per backward pass of a training step (``engine.steps.micro_batched_step``): the whole batch
+        unless a method bounds the memory a step holds (LAMP, CoCoOp)."""
+        return batch
 
     def logits(self, images):
         """Training logits over the trained classes (used by the default ``forward_backward``)."""
