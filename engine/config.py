@@ -258,7 +258,7 @@ def _base_defaults():
     # ---------------- Trainer
     _C.TRAINER = CN()
     _C.TRAINER.NAME = ""
-    _C.TRAINER.LOSS = "ce"  # ce | la (logit-adjusted, methods.md section 12)
+    _C.TRAINER.LOSS = "ce"  # ce | la (logit-adjusted; docs/methods/README.md)
     _C.TRAINER.LA_TAU = 1.0
     return _C
 

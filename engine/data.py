@@ -167,12 +167,6 @@ class DataManager:
             pin_memory=torch.cuda.is_available(),
         )
 
-    def set_epoch_seed(self, seed):
-        """Re-seed the training shuffle (the engine does this every epoch so a resumed run draws the
-        same batches as an uninterrupted one)."""
-        if self.train_loader_x.generator is not None:
-            self.train_loader_x.generator.manual_seed(int(seed))
-
     def summary(self):
         """A short multi-line description of the dataset and the long-tailed split."""
         d, m = self.dataset, self.dataset.manifest

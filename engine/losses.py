@@ -1,4 +1,4 @@
-"""Logit-adjusted cross-entropy (Menon et al., ICLR 2021; methods.md section 12).
+"""Logit-adjusted cross-entropy (Menon et al., ICLR 2021; docs/methods/README.md).
 
 ``CE(logits + tau * log(pi), labels)`` with ``pi`` the empirical training label frequency over the
 classes in the softmax. Inference uses the raw logits. Candle's "compensating" variant adds 1 to

@@ -1,4 +1,4 @@
-"""Classification metrics of the long-tailed base-to-new protocol (methods.md section 1.2).
+"""Classification metrics of the long-tailed base-to-new protocol (docs/methods/README.md).
 
 All percentages are in [0, 100]. Macro-F1 follows Candle's evaluator: sklearn ``f1_score`` with
 ``average="macro"`` over the labels present in ``y_true`` (``zero_division=0``).

@@ -1,62 +1,53 @@
-"""TrainerX: the Dassl-style training/evaluation loop shared by every method.
+"""TrainerX: the Dassl-style training loop shared by every method, kept short; its parts are components.
 
 A method subclasses ``TrainerX`` and implements ``build_model`` (create modules, call ``register_model``),
-``forward_backward(batch)`` (returns a dict of scalars, uses ``model_backward_and_update``) and
-``model_inference(images)`` (logits over the dataset's active classes). The engine owns the epoch loop,
-the LR schedule (stepped once per epoch), logging, atomic trainable-only checkpoints, resume,
-evaluation and ``results.json``.
+``forward_backward(batch)`` (returns a dict of scalars, uses ``model_backward_and_update``, or
+``engine.steps.micro_batched_step`` for a batch taken in parts) and ``model_inference(images)`` (logits over
+the dataset's active classes). Hook points for what a method changes:
+
+- the step: ``forward_backward``; ``images_per_micro_batch`` splits the default step into parts whose
+  gradients accumulate into one optimizer step (``engine.steps.micro_batched_step``, also for custom steps);
+- the batches: ``train_loader()`` (e.g. Candle's cached features);
+- the schedule: ``self.schedule`` (``engine.steps.Schedule``; e.g. LFA's full-batch steps, the LR per step);
+- the epoch: ``before_epoch`` / ``after_epoch``, ``epoch_scalars()`` (extra TensorBoard scalars per epoch);
+- the run: ``before_train`` / ``after_eval_only_load``, ``evaluate_all``, ``extra_results``,
+  ``extra_checkpoint_state`` / ``load_extra_checkpoint_state``.
+
+The components: ``engine.precision`` (autocast, loss scale), ``engine.checkpointing`` (atomic trainable-only
+checkpoints, resume, best-val files), ``engine.evaluation`` (metrics of a test pass, best-val record),
+``engine.run_files`` (config, manifest, ``results.json``) and ``engine.tensorboard`` (scalars per step
+and epoch in ``<run>/tensorboard/``).
 """
-import contextlib
-import datetime
 import logging
 import os
 import random
-import subprocess
 import sys
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.cli import UserError
-from engine.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint,
-                               numpy_rng_state_from_plain, numpy_rng_state_to_plain)
+from engine.checkpointing import BEST_CKPT, CKPT_PREFIX, Checkpointer, RunError, latest_checkpoint  # noqa: F401
 from engine.clip_loader import load_clip
-from engine.config import PRECISIONS, ConfigError, dump_cfg  # noqa: F401  (PRECISIONS: re-exported)
+from engine.config import PRECISIONS, ConfigError  # noqa: F401  (PRECISIONS: re-exported)
 from engine.data import DataManager
+from engine.evaluation import BestVal, evaluate
 from engine.losses import logit_adjusted_ce
-from engine.metrics import compute_metrics
 from engine.optim import build_lr_scheduler, build_optimizer
+from engine.precision import Precision, resolve_precision
 from engine.prompted_clip import PromptedCLIP
-
-CKPT_PREFIX = "model.pth.tar-"
-BEST_CKPT = "model-best.pth.tar"  # TEST.FINAL_MODEL best_val: the trainable state of the best val epoch (Dassl's name)
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class RunError(UserError, RuntimeError):
-    """A run cannot start as requested (finished run present, no checkpoint for --eval-only, ...)."""
+from engine.run_files import RunFiles, code_version  # noqa: F401  (code_version: re-exported)
+from engine.steps import Schedule, micro_batched_step
+from engine.tensorboard import ScalarLog
 
 
 def set_random_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def code_version():
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
 
 
 def setup_logger(output_dir):
@@ -84,21 +75,31 @@ def trainer_node(cfg):
     return cfg.TRAINER.get(key, None)
 
 
+def step_seed(seed, index):
+    """The torch seed of epoch (or, with ``Schedule.seed_each_step``, step) ``index``."""
+    return seed * 10007 + index
+
+
 class TrainerX:
     """Base trainer for a single labelled training set (Dassl's TrainerX)."""
 
     def __init__(self, cfg, dataset=None, run_info=None):
         self.cfg = cfg
-        self.run_info = dict(run_info or {})
         self.output_dir = cfg.OUTPUT_DIR
+        self.run_files = RunFiles(cfg, run_info)
         self.logger = setup_logger(self.output_dir)
         self.device = torch.device("cuda" if cfg.USE_CUDA and torch.cuda.is_available() else "cpu")
-        self.precision = self._resolve_precision()
+        node = trainer_node(cfg)
+        self.precision = resolve_precision(node.get("PREC", "fp32") if node is not None else "fp32", self.device,
+                                           f"TRAINER.{cfg.TRAINER.NAME.upper()}.PREC")
+        self.amp = Precision(self.precision, self.device)
         self.seed = cfg.SEED if cfg.SEED >= 0 else 0
         set_random_seed(self.seed)
         self.max_epoch = cfg.OPTIM.MAX_EPOCH
-        self.epoch = 0
-        self.val_history, self.loaded_best = [], None  # TEST.FINAL_MODEL best_val
+        self.schedule = None  # build_model may set one (engine.steps.Schedule); default: OPTIM.MAX_EPOCH epochs
+        self.epoch, self.step_index = 0, 0
+        self.epoch_losses, self.epoch_train_acc, self.train_time = [], None, 0.0
+        self.best_val, self.loaded_best = BestVal(), None  # TEST.FINAL_MODEL best_val
         self._models = OrderedDict()
         self._optims = OrderedDict()
         self._scheds = OrderedDict()
@@ -109,22 +110,16 @@ class TrainerX:
         self.clip = self.build_clip()
         self.check_input_size()
         self.build_model()
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "amp" else None  # not for bf16
+        self.schedule = self.schedule or Schedule(self.max_epoch)
+        self.max_epoch = self.schedule.epochs
+        self.checkpointer = Checkpointer(self.output_dir, self._models, self._optims, self._scheds, self.amp,
+                                         cfg.TRAIN.CHECKPOINT_FREQ, self.device, self.extra_checkpoint_state,
+                                         self.load_extra_checkpoint_state, self.log)
+        self.scalars = ScalarLog(self.output_dir)
         self.log(f"Trainer {cfg.TRAINER.NAME} on {self.device} ({self.precision}); "
                  f"{self.num_classes} classes; {self.count_trainable_parameters():,} trainable parameters")
 
     # ---- construction helpers
-    def _resolve_precision(self):
-        node = trainer_node(self.cfg)
-        prec = node.get("PREC", "fp32") if node is not None else "fp32"
-        if prec not in PRECISIONS:
-            raise ConfigError(f"TRAINER.{self.cfg.TRAINER.NAME.upper()}.PREC must be one of {PRECISIONS}, got '{prec}'")
-        if prec == "bf16":
-            return "bf16"  # autocast in bfloat16 on CPU and CUDA; fp32 master weights, no loss scaling
-        if self.device.type != "cuda":
-            return "fp32"  # fp16 autocast is a GPU mode; the CPU runs fp32
-        return "amp" if prec in ("amp", "fp16") else "fp32"
-
     def build_clip(self):
         name = self.cfg.MODEL.BACKBONE.NAME
         model = load_clip(name, self.cfg.MODEL.BACKBONE.PATH)
@@ -157,12 +152,21 @@ class TrainerX:
     def log(self, msg):
         self.logger.info(msg)
 
+    @property
+    def run_info(self):
+        return self.run_files.run_info
+
+    # ---- precision (engine.precision)
+    @property
+    def scaler(self):
+        return self.amp.scaler
+
+    @scaler.setter
+    def scaler(self, value):
+        self.amp.scaler = value
+
     def autocast(self):
-        if self.precision == "amp":
-            return torch.autocast("cuda", dtype=torch.float16)
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return self.amp.autocast()
 
     # ---- losses / updates
     def compute_loss(self, logits, labels):
@@ -181,17 +185,10 @@ class TrainerX:
     def model_backward(self, loss):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch + 1}; lower OPTIM.LR or check the data")
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.amp.backward(loss)
 
     def model_update(self, names=None):
-        optims = self._optims_of(names)
-        if self.scaler is not None:
-            for o in optims:
-                self.scaler.step(o)
-            self.scaler.update()
-        else:
-            for o in optims:
-                o.step()
+        self.amp.step(self._optims_of(names))
 
     def model_backward_and_update(self, loss, names=None):
         self.model_zero_grad(names)
@@ -211,14 +208,22 @@ class TrainerX:
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def forward_backward(self, batch):
-        """Default step: the (logit-adjusted) cross-entropy of ``self.logits(images)``. Methods with extra
-        loss terms or other inputs override this."""
+        """Default step: the (logit-adjusted) cross-entropy of ``self.logits(images)``, over parts of at most
+        ``images_per_micro_batch`` images (one part unless a method bounds it). Methods with extra loss terms
+        or other inputs override this."""
         images, labels = self.parse_batch_train(batch)
-        with self.autocast():
-            logits = self.logits(images)
-            loss = self.compute_loss(logits, labels)
-        self.model_backward_and_update(loss)
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+
+        def part_loss(part):
+            logits = self.logits(images[part])
+            loss = self.compute_loss(logits, labels[part])
+            return loss, {"loss": loss, "acc": (logits.argmax(1) == labels[part]).float().mean().item() * 100}
+
+        return micro_batched_step(self, images.shape[0], self.images_per_micro_batch(images.shape[0]), part_loss)
+
+    def images_per_micro_batch(self, batch):
+        """Images per backward pass of a training step (``engine.steps.micro_batched_step``): the whole batch
+        unless a method bounds the memory a step holds (LAMP, CoCoOp)."""
+        return batch
 
     def logits(self, images):
         """Training logits over the trained classes (used by the default ``forward_backward``)."""
@@ -231,44 +236,17 @@ class TrainerX:
         for m in self._models.values():
             m.train(mode == "train")
 
-    # ---- checkpoints
-    def _trainable_state(self, model):
-        """Parameters that train plus persistent buffers (e.g. LAMP's load-balancing bias); the frozen
-        CLIP weights are never part of a method module."""
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
+    # ---- checkpoints (engine.checkpointing)
     def checkpoint_dir(self, name, root=None):
-        return os.path.join(root or self.output_dir, name)
+        return self.checkpointer.folder(name, root)
 
     def save_checkpoint(self, epoch):
-        for name, model in self._models.items():
-            ckpt = {
-                "state_dict": self._trainable_state(model),
-                "epoch": epoch,
-                "optimizer": self._optims[name].state_dict() if self._optims[name] is not None else None,
-                "scheduler": self._scheds[name].state_dict() if self._scheds[name] is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state_to_plain(np.random.get_state()),
-                        "python": random.getstate()},
-                "extra": self.extra_checkpoint_state(),
-                "history": self._history(),
-            }
-            if self.scaler is not None:  # fp16 loss scale and its growth counter: a resume continues with them
-                ckpt["scaler"] = self.scaler.state_dict()
-            folder = self.checkpoint_dir(name)
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"{CKPT_PREFIX}{epoch}")
-            atomic_torch_save(ckpt, path)
-            atomic_write_text(f"{CKPT_PREFIX}{epoch}\n", os.path.join(folder, "checkpoint"))
-            freq = self.cfg.TRAIN.CHECKPOINT_FREQ
-            for old in Path(folder).glob(f"{CKPT_PREFIX}*"):
-                old_epoch = int(old.name[len(CKPT_PREFIX):])
-                if old_epoch < epoch and not (freq > 0 and old_epoch % freq == 0):
-                    old.unlink()
+        self.checkpointer.save(epoch, self._history())
 
     def _history(self):
-        history = {"epoch_losses": list(getattr(self, "epoch_losses", [])), "train_time": getattr(self, "train_time", 0.0)}
+        history = {"epoch_losses": list(self.epoch_losses), "train_time": self.train_time}
         if self.uses_best_val():
-            history["val_accuracy"] = list(self.val_history)
+            history["val_accuracy"] = list(self.best_val.history)
         return history
 
     def extra_checkpoint_state(self):
@@ -278,43 +256,13 @@ class TrainerX:
     def load_extra_checkpoint_state(self, state):
         pass
 
-    @staticmethod
-    def latest_checkpoint(folder):
-        marker = os.path.join(folder, "checkpoint")
-        if os.path.isfile(marker):
-            name = open(marker).read().strip()
-            if os.path.isfile(os.path.join(folder, name)):
-                return os.path.join(folder, name)
-        found = sorted(Path(folder).glob(f"{CKPT_PREFIX}*"), key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-        return str(found[-1]) if found else None
+    latest_checkpoint = staticmethod(latest_checkpoint)
 
     def load_model(self, model_dir, epoch=None):
         """Load trainable state (weights only) for evaluation; raises RunError if nothing is there."""
-        if not self._models:
-            return
-        for name, model in self._models.items():
-            folder = self.checkpoint_dir(name, model_dir)
-            if epoch is not None and epoch >= 0:
-                path = os.path.join(folder, f"{CKPT_PREFIX}{epoch}")
-            elif self.uses_best_val():  # Dassl: --eval-only with best_val deploys model-best.pth.tar
-                path = os.path.join(folder, BEST_CKPT)
-            else:
-                path = self.latest_checkpoint(folder) if os.path.isdir(folder) else None
-            if path and os.path.basename(path) == BEST_CKPT and not os.path.isfile(path) and os.path.isdir(folder):
-                raise RunError(f"TEST.FINAL_MODEL best_val deploys {path}, which is not there (was {model_dir} "
-                               f"trained with best_val?); pass --load-epoch N or TEST.FINAL_MODEL last_step")
-            if not path or not os.path.isfile(path):
-                raise RunError(f"no checkpoint for '{name}' at {path or folder}: train first "
-                               f"(--eval-only never trains) or pass the right --model-dir / --load-epoch")
-            ckpt = load_checkpoint(path, map_location=self.device)
-            try:
-                model.load_state_dict(ckpt["state_dict"])
-            except RuntimeError as err:  # size mismatch / missing keys: a run of another config
-                raise RunError(self._mismatch_message(model_dir, path, err)) from err
-            self.load_extra_checkpoint_state(ckpt.get("extra") or {})
-            if os.path.basename(path) == BEST_CKPT:
-                self.loaded_best = (ckpt["epoch"], ckpt.get("val_accuracy"))
-            self.log(f"Loaded {name} from {path} (epoch {ckpt['epoch']})")
+        if self._models:
+            self.loaded_best = self.checkpointer.load_weights(model_dir, epoch, best=self.uses_best_val(),
+                                                              mismatch_message=self._mismatch_message)
 
     def _mismatch_message(self, model_dir, path, err):
         from engine.run_identity import config_diff, format_diff, read_run_config
@@ -328,110 +276,124 @@ class TrainerX:
 
     def resume_if_possible(self):
         """Continue an interrupted run from its last epoch checkpoint; return the epoch to start at."""
-        start = 0
-        for name, model in self._models.items():
-            folder = self.checkpoint_dir(name)
-            path = self.latest_checkpoint(folder) if os.path.isdir(folder) else None
-            if path is None:
-                return 0
-            ckpt = load_checkpoint(path, map_location=self.device)
-            try:
-                model.load_state_dict(ckpt["state_dict"])
-                if ckpt.get("optimizer") is not None and self._optims[name] is not None:
-                    self._optims[name].load_state_dict(ckpt["optimizer"])
-                if ckpt.get("scheduler") is not None and self._scheds[name] is not None:
-                    self._scheds[name].load_state_dict(ckpt["scheduler"])
-            except (RuntimeError, ValueError, KeyError, TypeError) as err:
-                raise RunError(f"cannot resume from {path}: it does not fit this run's {name} "
-                               f"({' '.join(str(err).split())[:200]}); delete it to resume from the previous "
-                               f"epoch (or from scratch)") from err
-            rng = ckpt.get("rng")
-            if rng:
-                torch.set_rng_state(rng["torch"])
-                np.random.set_state(numpy_rng_state_from_plain(rng["numpy"]))
-                random.setstate(rng["python"])
-            if ckpt.get("scaler") and self.scaler is not None:
-                self.scaler.load_state_dict(ckpt["scaler"])
-            self.load_extra_checkpoint_state(ckpt.get("extra") or {})
-            history = ckpt.get("history") or {}
+        history, start = self.checkpointer.resume()
+        if history is not None:
             self.epoch_losses = list(history.get("epoch_losses", []))
             self.train_time = history.get("train_time", 0.0)
-            self.val_history = list(history.get("val_accuracy", []))
-            start = ckpt["epoch"] + 1
+            self.best_val = BestVal(history.get("val_accuracy", []))
         if start:
             self.log(f"Resuming from {self.output_dir}: epoch {start} of {self.max_epoch} already done")
         return start
 
-    # ---- training loop
+    # ---- the training loop
     def results_path(self):
-        return os.path.join(self.output_dir, "results.json")
+        return self.run_files.results_path
 
     def train(self):
-        if os.path.isfile(self.results_path()):
-            raise RunError(f"{self.output_dir} already holds a finished run (results.json); "
-                           f"choose another --output-dir or delete that folder yourself")
+        self.run_files.refuse_finished("a finished run (results.json); choose another --output-dir or delete that "
+                                       "folder yourself")
         self.write_run_files()
-        self.epoch_losses, self.train_time, self.val_history = [], 0.0, []
         if self.uses_best_val() and self.dm.val_loader is None:
             raise ConfigError(f"TEST.FINAL_MODEL best_val needs a val split, and {self.cfg.DATASET.NAME} has none here; "
                               "use TEST.FINAL_MODEL last_step")
+        self.epoch_losses, self.train_time, self.best_val = [], 0.0, BestVal()
         start = self.resume_if_possible() if self.count_trainable_parameters() else self.max_epoch
-        if start < self.max_epoch:
-            self.before_train(resumed=start > 0)
-        for self.epoch in range(start, self.max_epoch):
-            self.before_epoch()
-            self.run_epoch()
-            self.after_epoch()
-        self.after_train()
+        try:
+            if start < self.max_epoch:
+                self.before_train(resumed=start > 0)
+            for self.epoch in range(start, self.max_epoch):
+                self.before_epoch()
+                self.run_epoch()
+                self.after_epoch()
+            self.after_train()
+        finally:
+            self.scalars.close()
+
+    def start_training(self):
+        """Fresh training state and ``before_train``, without the loop (tools.tables.efficiency times one
+        ``before_epoch`` + ``run_epoch`` after this)."""
+        self.epoch, self.epoch_losses, self.train_time, self.best_val = 0, [], 0.0, BestVal()
+        self.before_train(resumed=False)
 
     def before_train(self, resumed):
         """Called once before the first epoch that runs (e.g. to compute class prototypes)."""
 
+    def train_loader(self):
+        """The batches of a training epoch (a method may train on something else, e.g. cached features)."""
+        return self.dm.train_loader_x
+
     def before_epoch(self):
         # Re-seed per epoch so an interrupted run that resumes draws the same batches and crops.
-        epoch_seed = self.seed * 10007 + self.epoch
-        torch.manual_seed(epoch_seed)
-        self.dm.set_epoch_seed(epoch_seed)
+        seed = step_seed(self.seed, self.epoch)
+        torch.manual_seed(seed)
+        loader = self.train_loader()
+        if getattr(loader, "generator", None) is not None:
+            loader.generator.manual_seed(int(seed))
 
     def run_epoch(self):
         self.set_model_mode("train")
-        loader = self.dm.train_loader_x
-        self.num_batches = len(loader)
-        losses, t0 = [], time.time()
-        bar = tqdm(loader, total=self.num_batches, desc=f"epoch {self.epoch + 1}/{self.max_epoch}",
+        batches = self.schedule.batches(self.train_loader())
+        self.num_batches = len(batches)
+        losses, accs, t0 = [], [], time.time()
+        bar = tqdm(batches, total=self.num_batches, desc=f"epoch {self.epoch + 1}/{self.max_epoch}",
                    leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
         tic = time.time()
         for self.batch_idx, batch in enumerate(bar):
+            self.step_index = self.epoch * self.num_batches + self.batch_idx
+            if self.schedule.seed_each_step:
+                torch.manual_seed(step_seed(self.seed, self.step_index))
+            lr = self.get_current_lr()
             out = self.forward_backward(batch)
+            if self.schedule.lr_step == "step":
+                self.step_schedulers()
             losses.append(out["loss"])
+            if "acc" in out:
+                accs.append(out["acc"])
             step_time = time.time() - tic
             tic = time.time()
+            self.scalars.scalars({**{f"train/{k}": v for k, v in out.items()}, "train/lr": lr}, self.step_index)
             if (self.batch_idx + 1) % self.cfg.TRAIN.PRINT_FREQ == 0 or self.batch_idx + 1 == self.num_batches:
                 extra = " ".join(f"{k} {v:.4f}" for k, v in out.items() if k != "loss")
                 self.log(f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
-                         f"time {step_time:.3f}s loss {out['loss']:.4f} {extra} lr {self.get_current_lr():.4e}".rstrip())
+                         f"time {step_time:.3f}s loss {out['loss']:.4f} {extra} lr {lr:.4e}".rstrip())
             bar.set_postfix(loss=f"{out['loss']:.3f}")
         self.epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
+        self.epoch_train_acc = float(np.mean(accs)) if accs else None
         self.train_time += time.time() - t0
 
-    def after_epoch(self):
+    def step_schedulers(self):
         for sched in self._scheds.values():
             if sched is not None:
                 sched.step()
+
+    def after_epoch(self):
+        lr = self.get_current_lr()
+        if self.schedule.lr_step == "epoch":
+            self.step_schedulers()
         self.log(f"epoch {self.epoch + 1} done: mean loss {self.epoch_losses[-1]:.4f}")
+        scalars = {"epoch/loss": self.epoch_losses[-1], "epoch/train_acc": self.epoch_train_acc,
+                   "epoch/lr": lr}
         if self.uses_best_val():
-            self.track_best_val()
+            scalars["epoch/val_accuracy"] = self.track_best_val()
+        self.scalars.scalars({**scalars, **self.epoch_scalars()}, self.epoch + 1)
         self.save_checkpoint(self.epoch)
+
+    def epoch_scalars(self):
+        """Method-specific TensorBoard scalars of the epoch just trained ({tag: number})."""
+        return {}
 
     def after_train(self):
         if self.uses_best_val():
             self.load_best_val()
-        results = self.evaluate_all()
-        self.write_results(results)
+        self.write_results(self.evaluate_all())
 
     # ---- TEST.FINAL_MODEL best_val (Dassl): val after each epoch, the best epoch's model is tested
     def uses_best_val(self):
         return self.cfg.TEST.FINAL_MODEL == "best_val"
+
+    @property
+    def val_history(self):
+        return self.best_val.history
 
     def val_accuracy(self):
         """Accuracy on the val split with the current weights (Dassl's ``test(split="val")``)."""
@@ -439,38 +401,23 @@ class TrainerX:
 
     def best_val_epoch(self):
         """(0-based epoch, val accuracy) of the best epoch so far (the first of equals, as Dassl's strict >)."""
-        if not self.val_history:
-            return None, None
-        best = max(range(len(self.val_history)), key=lambda i: (self.val_history[i], -i))
-        return best, self.val_history[best]
+        return self.best_val.best()
 
     def track_best_val(self):
         accuracy = float(self.val_accuracy())
-        previous, best = self.best_val_epoch()
-        self.val_history.append(accuracy)
-        if previous is None or accuracy > best:
-            for name, model in self._models.items():
-                folder = self.checkpoint_dir(name)
-                os.makedirs(folder, exist_ok=True)
-                atomic_torch_save({"state_dict": self._trainable_state(model), "epoch": self.epoch,
-                                   "extra": self.extra_checkpoint_state(), "val_accuracy": accuracy},
-                                  os.path.join(folder, BEST_CKPT))
+        previous, best = self.best_val.best()
+        if self.best_val.record(accuracy):
+            self.checkpointer.save_best(self.epoch, accuracy)
             self.log(f"val accuracy {accuracy:.2f}: best so far (epoch {self.epoch + 1}), saved {BEST_CKPT}")
         else:
             self.log(f"val accuracy {accuracy:.2f} (best {best:.2f} at epoch {previous + 1})")
+        return accuracy
 
     def load_best_val(self):
-        epoch, accuracy = self.best_val_epoch()
+        epoch, accuracy = self.best_val.best()
         if epoch is None:
             return
-        for name, model in self._models.items():
-            path = os.path.join(self.checkpoint_dir(name), BEST_CKPT)
-            ckpt = load_checkpoint(path, map_location=self.device)
-            if ckpt["epoch"] != epoch:
-                raise RunError(f"{path} holds epoch {ckpt['epoch'] + 1}, but the val history names epoch {epoch + 1} "
-                               f"as the best; delete {self.output_dir} and train again")
-            model.load_state_dict(ckpt["state_dict"])
-            self.load_extra_checkpoint_state(ckpt.get("extra") or {})
+        self.checkpointer.load_best(epoch)
         self.log(f"TEST.FINAL_MODEL best_val: testing the model of epoch {epoch + 1} (val accuracy {accuracy:.2f})")
 
     def final_model_record(self):
@@ -478,11 +425,11 @@ class TrainerX:
         results.json as before)."""
         if not self.uses_best_val():
             return {}
-        epoch, accuracy = self.best_val_epoch() if self.val_history else (self.loaded_best or (None, None))
+        epoch, accuracy = self.best_val.best() if self.best_val.history else (self.loaded_best or (None, None))
         return {"final_model": {"mode": "best_val", "epoch": None if epoch is None else epoch + 1,
-                                "val_accuracy": accuracy, "val_accuracy_per_epoch": list(self.val_history)}}
+                                "val_accuracy": accuracy, "val_accuracy_per_epoch": list(self.best_val.history)}}
 
-    # ---- evaluation
+    # ---- evaluation (engine.evaluation)
     def eval_head_labels(self):
         """Head classes are defined by the training counts; only meaningful when the evaluated classes
         are the trained ones (base or all), not for the new-class test."""
@@ -501,55 +448,25 @@ class TrainerX:
     def test(self, loader=None, desc="test"):
         self.set_model_mode("eval")
         self.before_test()
-        loader = loader or self.dm.test_loader
-        y_true, y_pred = [], []
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
-            images, labels = self.parse_batch_test(batch)
-            with self.autocast():
-                logits = self.model_inference(images)
-            y_pred.append(logits.argmax(dim=1).cpu())
-            y_true.append(labels.cpu())
-        y_true = torch.cat(y_true).numpy()
-        y_pred = torch.cat(y_pred).numpy()
-        metrics = compute_metrics(y_true, y_pred, self.num_classes, head_labels=self.eval_head_labels())
-        self.log(f"[{desc}] {len(y_true)} images, {self.num_classes} classes: accuracy {metrics['accuracy']:.2f} "
-                 f"macro-F1 {metrics['macro_f1']:.2f} mean-class {metrics['mean_class_acc']:.2f}")
+        metrics = evaluate(self.model_inference, loader or self.dm.test_loader, self.parse_batch_test,
+                           self.autocast, self.num_classes, self.eval_head_labels(), desc)
+        self.log(f"[{desc}] {metrics['num_samples']} images, {self.num_classes} classes: accuracy "
+                 f"{metrics['accuracy']:.2f} macro-F1 {metrics['macro_f1']:.2f} mean-class {metrics['mean_class_acc']:.2f}")
         return metrics
 
+    # ---- run files (engine.run_files)
     def write_run_files(self):
-        os.makedirs(self.output_dir, exist_ok=True)
-        dump_cfg(self.cfg, os.path.join(self.output_dir, "config.yaml"))
-        manifest = getattr(self.dataset, "manifest", None)
-        if manifest:
-            atomic_write_json(manifest, os.path.join(self.output_dir, "manifest.json"))
+        self.run_files.write_run_files(getattr(self.dataset, "manifest", None))
 
     def write_results(self, results):
-        cfg = self.cfg
-        manifest = getattr(self.dataset, "manifest", None) or {}
-        payload = {
-            "trainer": cfg.TRAINER.NAME,
-            "dataset": cfg.DATASET.NAME,
-            "config": self.run_info.get("config", ""),
-            "experiment": self.run_info.get("experiment", ""),
-            "seed": cfg.SEED,
-            "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
-            "imb_factor": float(cfg.DATASET.IMB_FACTOR),
-            "num_shots": cfg.DATASET.NUM_SHOTS,
-            "loss": cfg.TRAINER.LOSS,
-            "backbone": cfg.MODEL.BACKBONE.NAME,
-            "num_classes": self.num_classes,
-            "trainable_parameters": self.count_trainable_parameters(),
-            "epochs": self.max_epoch,
-            "epoch_losses": getattr(self, "epoch_losses", []),
-            "train_time_s": round(getattr(self, "train_time", 0.0), 2),
-            "manifest_hash": manifest.get("hash", ""),
-            "code_version": code_version(),
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "results": results,
-        }
-        payload.update(self.final_model_record())
-        payload.update(self.extra_results())
-        atomic_write_json(payload, self.results_path())
+        fields = {"num_classes": self.num_classes, "trainable_parameters": self.count_trainable_parameters(),
+                  "epochs": self.max_epoch, "epoch_losses": self.epoch_losses,
+                  "train_time_s": round(self.train_time, 2)}
+        payload = self.run_files.write_results(results, getattr(self.dataset, "manifest", None), fields,
+                                               {**self.final_model_record(), **self.extra_results()})
+        self.scalars.scalars({f"{split}/{key}": m.get(key) for split, m in results.items()
+                              for key in ("accuracy", "macro_f1", "mean_class_acc", "head_acc", "tail_acc")},
+                             self.max_epoch)  # on the epoch axis, after the last epoch
         self.log(f"Results written to {self.results_path()}")
         return payload
 
@@ -559,16 +476,17 @@ class TrainerX:
 
     def eval_only(self, model_dir=None, load_epoch=None):
         """Evaluate a trained model; never trains. Methods without trainable state need no checkpoint."""
-        if os.path.isfile(self.results_path()):
-            raise RunError(f"{self.output_dir} already holds results.json; choose another --output-dir")
+        self.run_files.refuse_finished("results.json; choose another --output-dir")
         if self.count_trainable_parameters():
             if not model_dir:
                 raise RunError("--eval-only needs --model-dir pointing to a trained run of this method")
             self.load_model(model_dir, load_epoch)
         self.write_run_files()
         self.after_eval_only_load()
-        results = self.evaluate_all()
-        return self.write_results(results)
+        try:
+            return self.write_results(self.evaluate_all())
+        finally:
+            self.scalars.close()
 
     def after_eval_only_load(self):
         """Hook between loading the checkpoint and evaluating (LAMP adapts its new-class bias later, in

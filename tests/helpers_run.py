@@ -85,3 +85,12 @@ def run_interrupted(monkeypatch, trainer_cls, crash_epoch, root, out, trainer, c
         run_train(root, out, trainer, config, *opts, **kw)
     monkeypatch.setattr(trainer_cls, "run_epoch", original)
     assert not (Path(out) / "results.json").exists()
+
+
+def tensorboard_scalars(run_dir):
+    """{tag: [ScalarEvent(step, value, ...)]} read back from a run's ``tensorboard/`` folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}

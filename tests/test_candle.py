@@ -1,4 +1,4 @@
-"""Candle (methods.md section 10) on the generated long-tailed dataset with the tiny random CLIP."""
+"""Candle (docs/methods/candle.md) on the generated long-tailed dataset with the tiny random CLIP."""
 import math
 import os
 

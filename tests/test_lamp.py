@@ -1,4 +1,4 @@
-"""LAMP (methods.md §2): parameter counts, retrieval, load balancing, text exactness, checkpoints, ablations."""
+"""LAMP (docs/methods/lamp.md): parameter counts, retrieval, load balancing, text exactness, checkpoints, ablations."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""LFA (methods.md section 11) on the generated long-tailed dataset with the tiny random CLIP."""
+"""LFA (docs/methods/lfa.md) on the generated long-tailed dataset with the tiny random CLIP."""
 import json
 import math
 import os
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import train
 from engine.config import get_cfg_default, merge_from_file
-from tests.helpers_run import run_interrupted, REPO, assert_metrics, run_eval, run_train, train_args
+from tests.helpers_run import REPO, assert_metrics, run_eval, run_train, tensorboard_scalars, train_args
 from tools import bench
 from trainers.lfa import LFA, adaptive_reranking_loss, ema_momentum
 
@@ -71,7 +71,7 @@ def test_refined_map_lowers_the_training_loss(trained):
     w = trainer.map.weight.detach()
     assert not torch.allclose(w, w0)
     assert trainer.full_loss(w) < trainer.full_loss(w0)
-    assert len(res["epoch_losses"]) == ITERS and res["epochs"] == ITERS  # one engine epoch = one iteration
+    assert len(res["epoch_losses"]) == 1 and res["epochs"] == 1  # one epoch of ITERS full-batch steps
     assert res["trainable_parameters"] == 64 * 64
     # the EMA moved away from I towards W, but slowly (momentum >= 0.9)
     ema = trainer.map.weight_ema
@@ -82,7 +82,7 @@ def test_refined_map_lowers_the_training_loss(trained):
 def test_end_to_end_base_to_new_writes_every_metric_and_new_test_uses_the_ema(root, trained, tmp_path):
     trainer, out, _, res = trained
     assert_metrics(res["results"]["test"], 10, 10 * TEST_PER_CLASS)
-    ckpt = torch.load(out / "lfa" / f"model.pth.tar-{ITERS - 1}", weights_only=False)
+    ckpt = torch.load(out / "lfa" / "model.pth.tar-0", weights_only=False)  # after the last step
     assert set(ckpt["state_dict"]) == {"weight", "weight_ema"}
 
     new = run_eval(root, tmp_path / "test_new", out, "LFA", CONFIG, "TRAINER.LFA.ITERS", str(ITERS))
@@ -101,14 +101,43 @@ def test_end_to_end_base_to_new_writes_every_metric_and_new_test_uses_the_ema(ro
     assert trainer.eval_map() is trainer.map.weight  # base test: the refined map
 
 
-def test_interrupted_run_resumes_to_the_same_result(root, tmp_path, monkeypatch):
+def test_the_schedule_is_step_based(trained):
+    """Every iteration is a step of one epoch: the lr follows the per-iteration cosine to END_LR, the EMA
+    momentum ramps with the step, and the epoch loss is the mean of the step losses (TensorBoard)."""
+    trainer, out, _, res = trained
+    scalars = tensorboard_scalars(out)
+    steps = [e.step for e in scalars["train/loss"]]
+    assert steps == list(range(ITERS))
+    lr0, end = trainer.cfg.OPTIM.LR, trainer.cfg.TRAINER.LFA.END_LR
+    cosine = [end + (lr0 - end) * (1 + math.cos(math.pi * i / ITERS)) / 2 for i in range(ITERS)]
+    assert [e.value for e in scalars["train/lr"]] == pytest.approx(cosine, rel=1e-5)
+    assert [e.value for e in scalars["train/ema_momentum"]] == pytest.approx(
+        [ema_momentum(i, ITERS) for i in range(ITERS)], rel=1e-6)
+    losses = [e.value for e in scalars["train/loss"]]
+    assert res["epoch_losses"][0] == pytest.approx(sum(losses) / ITERS, rel=1e-5)
+    assert trainer.get_current_lr() == pytest.approx(end, rel=1e-5)  # stepped after every iteration
+
+
+def test_interrupted_run_starts_over_to_the_same_result(root, tmp_path, monkeypatch):
+    """A run killed between steps has no checkpoint yet (it is written after the last step): the rerun
+    starts the refinement over, and each step is seeded by (seed, step), so the result is the same."""
     opts = ("TRAINER.LFA.ITERS", "6", "TRAINER.LFA.FIVE_CROP", "False")  # one view per image: faster
     full = run_train(root, tmp_path / "full", "LFA", CONFIG, *opts)
-    run_interrupted(monkeypatch, LFA, 3, root, tmp_path / "cut", "LFA", CONFIG, *opts)
-    resumed = run_train(root, tmp_path / "cut", "LFA", CONFIG, *opts)
-    assert "Resuming" in (tmp_path / "cut" / "log.txt").read_text()
-    assert resumed["epoch_losses"] == pytest.approx(full["epoch_losses"], rel=1e-5)
-    assert resumed["results"]["test"] == full["results"]["test"]
+    original = LFA.forward_backward
+
+    def crash(self, batch=None):
+        if self.step_index == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, batch)
+
+    monkeypatch.setattr(LFA, "forward_backward", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(root, tmp_path / "cut", "LFA", CONFIG, *opts)
+    monkeypatch.setattr(LFA, "forward_backward", original)
+    assert not list((tmp_path / "cut").glob("lfa/model.pth.tar-*"))
+    rerun = run_train(root, tmp_path / "cut", "LFA", CONFIG, *opts)
+    assert rerun["epoch_losses"] == full["epoch_losses"]
+    assert rerun["results"]["test"] == full["results"]["test"]
 
 
 def test_adaptive_reranking_loss_matches_a_hand_computation():

@@ -1,4 +1,4 @@
-"""Candle (Shi et al., KDD 2024; methods.md section 10): a feature-level head on frozen CLIP.
+"""Candle (Shi et al., KDD 2024; docs/methods/candle.md): a feature-level head on frozen CLIP.
 
 CLIP stays frozen (the image encoder runs under no_grad). The trainable head holds
 
@@ -202,7 +202,7 @@ class Candle(TrainerX):
         # Compensating LA: base training counts, 0 for the new classes (+1 for every class in the loss).
         n_new = len(self.trained_names) - len(base)
         self.class_counts = [float(n) for n in self.dataset.train_counts] + [0.0] * n_new
-        self.cached = False
+        self.feature_loader = None  # TRAINER.CANDLE.CACHE_FEATURES: batches of cached frozen features
         self.eval_set = None
         self.log(f"Candle head for {len(base)} classes with visual prototypes and "
                  f"{n_new} with virtual prototypes")
@@ -268,13 +268,12 @@ class Candle(TrainerX):
             self.use_feature_cache(features, labels)
 
     def use_feature_cache(self, features, labels):
-        """Train on cached frozen features: replace the image loader by a loader over the features with
-        the same batch size, shuffling and drop-last rule (re-seeded every epoch by the engine)."""
+        """Train on cached frozen features: a loader over the features with the image loader's batch size,
+        shuffling and drop-last rule (re-seeded every epoch by the engine) serves the training batches."""
         bs = self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE
         generator = torch.Generator().manual_seed(max(int(self.cfg.SEED), 0))
-        self.dm.train_loader_x = DataLoader(_FeatureSet(features.cpu(), labels.cpu()), batch_size=bs, shuffle=True,
-                                            drop_last=len(labels) >= bs, generator=generator, num_workers=0)
-        self.cached = True
+        self.feature_loader = DataLoader(_FeatureSet(features.cpu(), labels.cpu()), batch_size=bs, shuffle=True,
+                                         drop_last=len(labels) >= bs, generator=generator, num_workers=0)
         self.log(f"Candle: training on {len(labels)} cached frozen features (no augmentation)")
 
     def prepare_benchmark(self, batch):
@@ -284,6 +283,9 @@ class Candle(TrainerX):
         self.set_prototypes(features, batch["label"].to(self.device))
 
     # ---- training
+    def train_loader(self):
+        return self.feature_loader if self.feature_loader is not None else super().train_loader()
+
     def parse_batch_train(self, batch):
         labels = batch["label"].to(self.device)
         if "feat" in batch:

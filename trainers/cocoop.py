@@ -1,4 +1,5 @@
-"""CoCoOp (Zhou et al., CVPR 2022): context shifted per image by a meta-net on the image feature.
+"""CoCoOp (Zhou et al., CVPR 2022; docs/methods/cocoop.md): context shifted per image by a meta-net on the
+image feature.
 All B x C prompts go through the text encoder as one batch (no per-image loop)."""
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ def add_cocoop_config(cfg):
     cfg.TRAINER.COCOOP.CTX_INIT = ""
     cfg.TRAINER.COCOOP.PREC = "fp16"
     cfg.TRAINER.COCOOP.META_NET_REDUCTION = 16  # hidden width = embed_dim // this (512 -> 32)
-    cfg.TRAINER.COCOOP.MAX_TEXT_BATCH = 20000  # sequences per text-encoder call at test time
+    cfg.TRAINER.COCOOP.MAX_TEXT_BATCH = 20000  # text sequences (images x classes) per text-encoder call
     declare_keys(cfg, "TRAINER.COCOOP", N_CTX=Int(1), CTX_INIT=Str(), PREC=Choice(*PRECISIONS),
                  META_NET_REDUCTION=Int(1), MAX_TEXT_BATCH=Int(1))
 
@@ -64,7 +65,10 @@ class CoCoOp(TrainerX):
         text_features = self.prompt_learner.text_features(self.clip, image_features)
         return cosine_logits(image_features, text_features, self.clip.logit_scale)
 
+    def images_per_micro_batch(self, batch):
+        """Bound the B*C text sequences per text-encoder call (training and test) by splitting the image
+        batch: exact, images are independent (training accumulates the parts' gradients into one step)."""
+        return max(1, min(batch, self.cfg.TRAINER.COCOOP.MAX_TEXT_BATCH // self.num_classes))
+
     def model_inference(self, images):
-        # Bound the B*C text batch at test time by splitting the image batch (exact: images are independent).
-        per_call = max(1, self.cfg.TRAINER.COCOOP.MAX_TEXT_BATCH // self.num_classes)
-        return torch.cat([self.logits(chunk) for chunk in images.split(per_call)])
+        return torch.cat([self.logits(chunk) for chunk in images.split(self.images_per_micro_batch(len(images)))])

@@ -1,4 +1,5 @@
-"""CoOp (Zhou et al., IJCV 2022): learnable context vectors shared by all classes (or class-specific).
+"""CoOp (Zhou et al., IJCV 2022; docs/methods/coop.md): learnable context vectors shared by all classes
+(or class-specific).
 
 As in the official code: with CTX_INIT the context is that phrase's embeddings and its length is counted
 in words (N_CTX is then ignored). The official code also ignores CSC when CTX_INIT is given (it builds one

@@ -1,4 +1,4 @@
-"""LAMP: Long-tailed Multimodal Prompt learning (methods.md §2).
+"""LAMP: Long-tailed Multimodal Prompt learning (docs/methods/lamp.md).
 
 Per LAMP layer l: a Multimodal Prompt Pool of M image/text prompt pairs (L_p tokens of dim D each), S
 Modality-Shared Prompts, and per-modality projectors D -> width. The image cls state entering block l
@@ -19,6 +19,7 @@ from engine.config import ConfigError, register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
 from engine.prompted_clip import TowerHooks, as_tensor, insert_after_first, repeat_batch, replace_after_first
 from engine.registry import TRAINER_REGISTRY, MethodInfo
+from engine.steps import micro_batched_step
 from engine.trainer import TrainerX
 from trainers.common import cosine_logits, template_prompts
 
@@ -358,33 +359,28 @@ class LAMP(TrainerX):
 
     def forward_backward(self, batch):
         """One optimizer step over the batch, in micro-batches of images when the per-image text pass would
-        keep too many sequences for backward: each part's loss is weighted by its share of the batch, so the
-        accumulated gradient equals the whole batch's; LBO then sees the whole batch's selections once."""
+        keep too many sequences for backward (``engine.steps.micro_batched_step``: the accumulated gradient
+        equals the whole batch's); LBO then sees the whole batch's selections once."""
         images, labels = self.parse_batch_train(batch)
-        n = images.shape[0]
-        step = self.images_per_micro_batch(n)
-        self.model_zero_grad()
-        indices, text_indices, totals, correct = {}, {}, {"loss": 0.0, "ce": 0.0, "sim": 0.0}, 0
-        for start in range(0, n, step):
-            part = slice(start, start + step)
-            share = images[part].shape[0] / n
-            with self.autocast():
-                logits, sim = self.logits(images[part], self.train_tokens)
-                ce = self.compute_loss(logits, labels[part])
-                loss = ce + self.lamp.cfg.BETA * sim
-            self.model_backward(loss * share)
+        indices, text_indices = {}, {}
+
+        def part_loss(part):
+            nonlocal text_indices
+            logits, sim = self.logits(images[part], self.train_tokens)
+            ce = self.compute_loss(logits, labels[part])
             for l, idx in self.lamp.indices.items():
                 indices.setdefault(l, []).append(idx)
             text_indices = self.lamp.text_indices  # class-wise selections do not depend on the image
-            for key, value in (("loss", loss), ("ce", ce), ("sim", sim)):
-                totals[key] += value.item() * share
-            correct += int((logits.argmax(1) == labels[part]).sum())
-        self.model_update()
+            acc = (logits.argmax(1) == labels[part]).float().mean() * 100
+            loss = ce + self.lamp.cfg.BETA * sim
+            return loss, {"loss": loss, "ce": ce, "sim": sim, "acc": acc}
+
+        out = micro_batched_step(self, images.shape[0], self.images_per_micro_batch(images.shape[0]), part_loss)
         self.lamp.indices = {l: torch.cat(parts) for l, parts in indices.items()}
         self.lamp.text_indices = text_indices
         self.lamp.lbo_update(self.lamp.gamma(self.total_steps))
         self.lamp.global_step += 1
-        return {**totals, "acc": correct / n * 100}
+        return out
 
     def model_inference(self, images):
         logits = self.logits(images, self.eval_tokens)[0]
@@ -403,6 +399,15 @@ class LAMP(TrainerX):
         self.log("load per layer (min/max/entropy of selection freq.): " + "; ".join(
             f"L{l} {d['min']:.3f}/{d['max']:.3f}/{d['entropy']:.2f}" for l, d in diag.items()))
         super().after_epoch()
+
+    def epoch_scalars(self):
+        """The epoch's selection load per LAMP layer: coefficient of variation, entropy, min / max frequency
+        and the bias range (the figures of ``load_diagnostics``)."""
+        out = {}
+        for l, d in (self.load_history[-1] if self.load_history else {}).items():
+            for key in ("cv", "entropy", "min", "max", "bias_min", "bias_max"):
+                out[f"lamp_load/L{l}/{key}"] = d[key]
+        return out
 
     def extra_results(self):
         out = {"load_diagnostics": self.load_history[-1] if self.load_history else self.lamp.load_diagnostics()}

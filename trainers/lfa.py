@@ -1,4 +1,4 @@
-"""LFA, Linear Feature Alignment (Ouali et al., ICCV 2023; methods.md section 11).
+"""LFA, Linear Feature Alignment (Ouali et al., ICCV 2023; docs/methods/lfa.md).
 
 A black-box method on pre-computed, L2-normalised frozen CLIP features: one linear map W (D x D) applied to
 image features, x_hat = normalize(x W), logits = x_hat . t_c / 0.07 with the frozen template text
@@ -19,13 +19,14 @@ Steps (``before_train``, then the engine's epoch loop):
 4. An EMA of W (starts at I; momentum 0.9 + 0.1 (1 - exp(-5 min(i, n/2) / (n/2))) at iteration i of n,
    i.e. ramping from 0.9 to ~1.0 over the first half) is kept as a persistent buffer.
 
-Mapping onto the engine: one engine epoch = one full-batch iteration (an epoch over the training set *is*
-one step when the batch is the whole set). The iteration count is TRAINER.LFA.ITERS, or (ITERS 0) the
-dataset's entry of TRAINER.LFA.ITERS_PER_DATASET (LFA's base-to-new table), else DEFAULT_ITERS; it
-replaces OPTIM.MAX_EPOCH, and the learning rate follows LFA's per-iteration cosine (torch
-CosineAnnealingLR, eta_min END_LR), stepped by the engine once per epoch. So the engine's per-epoch
-loss log, checkpoints (W, W_ema, optimizer, scheduler), resume and results.json all work unchanged;
-``epochs`` in results.json is the number of iterations.
+Mapping onto the engine: a step-based schedule (``engine.steps.Schedule.full_batch_steps``), one engine
+epoch of ITERS full-batch steps; each step reads the cached features itself (it gets no batch), torch is
+re-seeded before it from (seed, step), and the learning rate follows LFA's per-iteration cosine (torch
+CosineAnnealingLR, eta_min END_LR) stepped after it. The iteration count is TRAINER.LFA.ITERS, or (ITERS 0)
+the dataset's entry of TRAINER.LFA.ITERS_PER_DATASET (LFA's base-to-new table), else DEFAULT_ITERS; it
+replaces OPTIM.MAX_EPOCH. The checkpoint (W, W_ema, optimizer, scheduler) is written after the last
+step; an interrupted run starts its refinement over (the features are recomputed on any restart).
+results.json has ``epochs`` 1 (one mean loss in ``epoch_losses``); TensorBoard has the loss of every step.
 
 Text prototypes t_c: the dataset's template, except for ImageNet and its four variants, which use LFA's
 8-template ensemble (``IMAGENET_TEMPLATES``; mean of the normalised features, normalised), as the official
@@ -37,7 +38,6 @@ the checkpoint. LFA has no cross-entropy to logit-adjust: TRAINER.LOSS la is an 
 """
 import math
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -50,6 +50,7 @@ from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, P
 from engine.data import INTERPOLATIONS, T
 from engine.optim import build_optimizer
 from engine.registry import TRAINER_REGISTRY, MethodInfo
+from engine.steps import Schedule
 from engine.trainer import TrainerX
 from trainers.common import frozen_text_features
 
@@ -169,7 +170,7 @@ class LFA(TrainerX):
         if not 0.0 <= c.BETA <= 1.0:
             raise ConfigError(f"TRAINER.LFA.BETA must be in [0, 1], got {c.BETA}")
         self.iters = self.resolve_iters()
-        self.max_epoch = self.iters  # one engine epoch = one full-batch iteration
+        self.schedule = Schedule.full_batch_steps(self.iters)
         self.map = LFAMap(self.clip.embed_dim).to(self.device)
         optim = build_optimizer(self.map, self.cfg.OPTIM)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=self.iters, eta_min=c.END_LR)
@@ -178,7 +179,7 @@ class LFA(TrainerX):
                                                self.classnames)
         self.train_features = None   # (N, V, D) normalised crop features
         self.train_labels = None
-        self.log(f"LFA: {self.iters} full-batch iterations (one engine epoch each; OPTIM.MAX_EPOCH is not used), "
+        self.log(f"LFA: {self.iters} full-batch iterations (OPTIM.MAX_EPOCH is not used), "
                  f"beta {c.BETA}, new-class test with the {c.NEW_TEST_MAP} map")
 
     def resolve_iters(self):
@@ -257,19 +258,6 @@ class LFA(TrainerX):
         c = self.cfg.TRAINER.LFA
         return adaptive_reranking_loss(x @ weight, self.text_features, y, c.KNN, c.MARGIN_SCALE).item()
 
-    # ---- training: one full-batch iteration per engine epoch
-    def run_epoch(self):
-        self.set_model_mode("train")
-        self.num_batches, self.batch_idx = 1, 0
-        t0 = time.time()
-        out = self.forward_backward(None)
-        self.epoch_losses.append(out["loss"])
-        self.train_time += time.time() - t0
-        if (self.epoch + 1) % self.cfg.TRAIN.PRINT_FREQ == 0 or self.epoch + 1 == self.max_epoch:
-            self.log(f"iteration [{self.epoch + 1}/{self.max_epoch}] time {time.time() - t0:.3f}s "
-                     f"loss {out['loss']:.4f} acc {out['acc']:.2f} ema-momentum {out['ema_momentum']:.4f} "
-                     f"lr {self.get_current_lr():.4e}")
-
     def forward_backward(self, batch=None):
         """One full-batch iteration on the cached features; ``batch`` is not used (LFA's steps are
         full-batch; tools.bench passes its random batch after ``prepare_benchmark``)."""
@@ -287,7 +275,7 @@ class LFA(TrainerX):
         mapped = x @ self.map.weight
         loss = adaptive_reranking_loss(mapped, self.text_features, labels, c.KNN, c.MARGIN_SCALE)
         self.model_backward_and_update(loss)
-        momentum = ema_momentum(self.epoch, self.iters, c.EMA_MOMENTUM)
+        momentum = ema_momentum(self.step_index, self.iters, c.EMA_MOMENTUM)
         with torch.no_grad():
             self.map.weight_ema.mul_(momentum).add_(self.map.weight.detach(), alpha=1.0 - momentum)
             acc = ((mapped @ self.text_features.t()).argmax(1) == labels).float().mean().item() * 100

@@ -1,4 +1,4 @@
-"""MaPLe (Khattak et al., CVPR 2023; methods.md §7): multi-modal deep prompts with vision prompts coupled
+"""MaPLe (Khattak et al., CVPR 2023; docs/methods/maple.md): multi-modal deep prompts with vision prompts coupled
 to the text prompts by per-depth linear projections.
 
 Text: "a photo of a {class}." whose positions 1..n (the first n words of CTX_INIT, "a photo") hold the

@@ -1,4 +1,4 @@
-"""MMA, Multi-Modal Adapter (Yang et al., CVPR 2024; methods.md §9).
+"""MMA, Multi-Modal Adapter (Yang et al., CVPR 2024; docs/methods/mma.md).
 
 Blocks ADAPTER_START..ADAPTER_END (5..12) of both towers get an adapter branch computed from the block's
 ln_1(x) and added to the block output (the encoder's ``adapter`` hook):

@@ -1,4 +1,4 @@
-"""MMLoP (Ghiasvand et al., ECCV 2026; methods.md §4): IVLP-style deep prompts in both encoders whose
+"""MMLoP (Ghiasvand et al., ECCV 2026; docs/methods/mmlop.md): IVLP-style deep prompts in both encoders whose
 prompts are rank-r products sharing the token-side factor, tied to frozen zero-shot anchors.
 
 Per prompted layer j = 1..J: P_j^t = U_j V_j^t (n x D_t), P_j^v = U_j V_j^v (n x D_v), U_j (n x r) shared by
@@ -8,16 +8,16 @@ patches at the embedding stage and replacing the last n tokens before blocks 2..
 no coupling: each modality has its own V.
 
 Anchors (frozen): zero-shot image features and text features averaged over the 60 CLIP ImageNet templates.
-Loss (PromptSRC's form, methods.md §4.2 fallback): CE (or LA) + TEXT_LOSS_WEIGHT * L1(w_hat, w_zs)
+Loss (PromptSRC's form; docs/methods/mmlop.md): CE (or LA) + TEXT_LOSS_WEIGHT * L1(w_hat, w_zs)
 + IMAGE_LOSS_WEIGHT * L1(f, f_zs) + LOGIT_LOSS_WEIGHT * KL(p_zs || p) summed / numel (F.kl_div with
 log-targets, as PromptSRC computes it). Drift correction: w_hat_c = normalize(w_c - mean_c'(w_c' - w_zs_c'))
 over the class set being scored.
 
 Switches (the paper's ablation chain, Table 4): LOW_RANK off = IVLP (free n x D prompts); ANCHORS;
 DRIFT_CORRECTION train_test | test | off; SHARED_U (off: U^t and U^v); U_PER_LAYER (off: one U for all
-layers); RANK; PROMPT_DEPTH. Every [inferred] choice of methods.md §4 is the default here: n = 2,
+layers); RANK; PROMPT_DEPTH. Every inferred choice (docs/methods/mmlop.md) is the default here: n = 2,
 U per layer, U ~ N(0, 1), V ~ N(0, 0.02^2), text placeholder "X X", drift correction also in training,
-PromptSRC's distances and weights for the anchor losses (methods.md writes the logit term as
+PromptSRC's distances and weights for the anchor losses (a literal reading writes the logit term as
 KL(p || p_zs); PromptSRC's F.kl_div(log p, log p_zs) is KL(p_zs || p), which is what runs here), and no
 PromptSRC Gaussian prompt aggregation. The IVLP row (LOW_RANK False) keeps depth J and the "X X" layout
 unless CTX_INIT is given; official IVLP uses depth 12 and "a photo of a" (set PROMPT_DEPTH / CTX_INIT).

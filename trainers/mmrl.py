@@ -1,4 +1,4 @@
-"""MMRL (Guo & Gu, CVPR 2025; methods.md §13; official code yunncheng/MMRL).
+"""MMRL (Guo & Gu, CVPR 2025; docs/methods/mmrl.md; official code yunncheng/MMRL).
 
 Shared representation tokens R (n x d_r, one set for all layers) are mapped by per-layer projections
 (text Linear(d_r, D_t), vision Linear(d_r, D_v)) into both encoders: inserted right after cls / BOT before

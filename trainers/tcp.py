@@ -1,4 +1,4 @@
-"""TCP, Textual-based Class-aware Prompt tuning (Yao et al., CVPR 2024; methods.md §8).
+"""TCP, Textual-based Class-aware Prompt tuning (Yao et al., CVPR 2024; docs/methods/tcp.md).
 
 CoOp-style shared context (n = 4 tokens, random N(0, 0.02^2)) in "[ctx] {class}<dataset suffix>", plus the
 Textual Knowledge Embedding (TKE): the frozen, normalised zero-shot text features t_c^zs of the dataset

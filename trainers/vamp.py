@@ -1,4 +1,4 @@
-"""VaMP (Cheng & Han, NeurIPS 2025; methods.md §3): variational, sample-specific text prompts on MMRL.
+"""VaMP (Cheng & Han, NeurIPS 2025; docs/methods/vamp.md): variational, sample-specific text prompts on MMRL.
 
 The MMRL base (trainers/mmrl.py, settings under TRAINER.MMRL) is unchanged on the vision side. On the text
 side, for each prompted layer i a small posterior net phi_i maps the frozen CLIP image feature f_x (a
@@ -13,7 +13,7 @@ o_y (mean L2-normalised frozen image feature of class y over the training images
 training and stored in the checkpoint). Test: S posterior samples per image, all B*S text groups in one
 batched call, softmax probabilities averaged (MMRL's branch rule per sample); the prior is not used.
 
-Everything marked [inferred] in methods.md §3 is the default here and its alternatives are switches:
+Everything marked inferred in docs/methods/vamp.md is the default here and its alternatives are switches:
 prompted layers = MMRL's (6-12) with M = MMRL's 5 tokens; log sigma^2 predicted; one training sample;
 PRIOR class_aware (concat(f_x, o_y)) | prototype (o_y) | standard (N(0, I)); TEST_MODE probs | logits |
 mean (z = mu). Sizes: the paper's total is 5.132M with the MMRL base (+~0.14M), which rules out

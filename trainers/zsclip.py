@@ -1,4 +1,4 @@
-"""Zero-shot CLIP: hand-crafted template per dataset, no training."""
+"""Zero-shot CLIP: hand-crafted template per dataset, no training (docs/methods/zeroshotclip.md)."""
 from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.trainer import TrainerX
 from trainers.common import cosine_logits, frozen_text_features

@@ -73,9 +73,8 @@ def measure(method, dataset, setting, seed, data_root, out_dir, extra_opts, cpu_
     params = trainer.count_trainable_parameters()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.epoch, trainer.epoch_losses, trainer.train_time = 0, [], 0.0  # as Trainer.train() sets them
     if params:
-        trainer.before_train(resumed=False)
+        trainer.start_training()
         trainer.before_epoch()
         if cuda:
             torch.cuda.synchronize()
