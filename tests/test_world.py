@@ -10,6 +10,7 @@ import torch
 from datasets import world
 from datasets.world import DEMO_DATASETS, demo_classes, generate_world_dataset
 from engine.clip_loader import WORLD_MODELS, load_clip, uses_pretrained_weights
+from engine.compat import import_clip
 from tests.helpers_data import make_cfg
 from tools import pretrain_clip
 
@@ -145,9 +146,20 @@ def test_pretraining_is_deterministic_and_reused(tmp_path):
     changed = pretrain_clip.pretrain(out=str(tmp_path / "a.pt"), seed=0, log=messages.append,
                                      **dict(TINY_RUN, steps=3))
     assert changed["sha256"] != a["sha256"] and changed["params"]["steps"] == 3
+    # two threads run the towers side by side, each op single-threaded: the same checkpoint, bit for bit
     threads = torch.get_num_threads()
     two = pretrain_clip.pretrain(out=str(tmp_path / "d.pt"), seed=0, log=lambda *_: None, **dict(TINY_RUN, threads=2))
     assert two["threads"] == 2 and a["threads"] == 1 and torch.get_num_threads() == threads
+    assert two["sha256"] == a["sha256"]
+
+
+def test_cached_tokenizer_gives_clip_s_tokens():
+    clip = import_clip()
+    texts = ["a photo of a red circle.", "a photo of a blue star.", "a photo of a red circle.", "a red ring"]
+    cached = pretrain_clip.CachedTokenizer(clip.tokenize)
+    for _ in range(2):
+        assert torch.equal(cached(texts), clip.tokenize(texts))
+    assert len(cached.rows) == 3
 
 
 def test_record_holds_every_zero_shot_read_out_with_its_chance_level(tmp_path):

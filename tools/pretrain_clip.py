@@ -10,8 +10,9 @@ state-dict checkpoint (the layout of ``ViT-B-16.pt``: ``clip.model.build_model``
 OpenAI's are) to ``--out`` (default: ``<weights folder>/<name>.pt``, found there by ``engine/clip_loader``),
 plus ``<out>.json`` with the parameters, the sha256 and the zero-shot figures. Idempotent: when both exist
 with the same parameters nothing is done (``--force`` retrains). Deterministic for a seed on one machine
-and thread count (``--threads``, default 1: a model this small trains faster on one thread than on two
-that wait for each other, and the float results, hence the hash, may depend on the count).
+and thread count (``--threads``: with two the image and text towers run side by side, each op on one thread,
+which gives the same checkpoint as one thread; with more, each tower's ops use threads // 2, and the float
+results, hence the hash, may depend on that count).
 """
 import argparse
 import hashlib
@@ -20,6 +21,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -135,14 +137,31 @@ def attribute_labels(specs):
     return labels
 
 
-def attribute_loss(model, img, labels, tokenize):
-    """Mean over the attributes of the cross-entropy of each image against its attribute's prompts."""
-    losses = []
-    for attr, (template, values) in ATTRIBUTE_PROMPTS.items():
-        if (labels[attr] >= 0).any():
-            txt = F.normalize(encode_text(model, tokenize([template.format(v) for v in values])), dim=-1)
-            losses.append(F.cross_entropy(model.logit_scale.exp() * img @ txt.t(), labels[attr], ignore_index=-1))
+def attribute_prompts():
+    """{attribute: its prompts, one per value}, in ATTRIBUTE_PROMPTS's order."""
+    return {attr: [template.format(v) for v in values] for attr, (template, values) in ATTRIBUTE_PROMPTS.items()}
+
+
+def attribute_loss(model, img, labels, prompt_features):
+    """Mean over the attributes present in the batch of the cross-entropy of each image against its
+    attribute's prompts (``prompt_features``: {attribute: normalised text features of its prompts})."""
+    losses = [F.cross_entropy(model.logit_scale.exp() * img @ prompt_features[attr].t(), labels[attr], ignore_index=-1)
+              for attr in ATTRIBUTE_PROMPTS if (labels[attr] >= 0).any()]
     return sum(losses) / len(losses)
+
+
+class CachedTokenizer:
+    """``clip.tokenize`` with a cache per string: the world's captions come from a few templates and words,
+    so after the first steps every caption is a lookup."""
+
+    def __init__(self, tokenize):
+        self.tokenize, self.rows = tokenize, {}
+
+    def __call__(self, texts):
+        missing = [t for t in dict.fromkeys(texts) if t not in self.rows]
+        if missing:
+            self.rows.update(zip(missing, self.tokenize(missing)))
+        return torch.stack([self.rows[t] for t in texts])
 
 
 def draw_batch(rng, pool, batch_size, groups, group_size):
@@ -159,6 +178,34 @@ def draw_batch(rng, pool, batch_size, groups, group_size):
         if len(idx) >= batch_size:
             break
     return np.array(idx[:batch_size])
+
+
+class Towers:
+    """The image and the text tower of a step, each on its own thread when ``parallel``. The loss is built on
+    detached tower outputs; its gradients are then pushed back through each tower separately. The towers
+    share no parameter and every op runs single-threaded on its tower's thread, so the gradients, hence the
+    checkpoint, are the same bit for bit whether the towers run one after the other or side by side."""
+
+    def __init__(self, model, parallel):
+        self.model = model
+        self.pool = ThreadPoolExecutor(1) if parallel else None
+
+    def _both(self, image_job, text_job):
+        if self.pool is None:
+            return image_job(), text_job()
+        image = self.pool.submit(image_job)
+        text = text_job()
+        return image.result(), text
+
+    def forward(self, images, tokens):
+        return self._both(lambda: self.model.encode_image(images), lambda: encode_text(self.model, tokens))
+
+    def backward(self, image, text):
+        self._both(lambda: image[0].backward(image[1]), lambda: text[0].backward(text[1]))
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def param_groups(model, weight_decay):
@@ -190,7 +237,7 @@ def sha256_file(path):
 # The recipe (tools.pretrain_clip's defaults; the tests pass a fast setting). Measured in the README and in
 # docs/world_benchmark.md: plain objects and hard-negative groups with attribute prompts teach shape, which
 # independent draws of every attribute with the pair loss alone did not (20.8% shape after 240 steps).
-RECIPE = dict(steps=620, batch_size=128, pool=8000, lr=1e-3, weight_decay=0.1, warmup=20, seed=0, eval_every=155,
+RECIPE = dict(steps=800, batch_size=128, pool=8000, lr=1e-3, weight_decay=0.1, warmup=20, seed=0, eval_every=200,
               eval_per_class=10, threads=2, group_size=3, texture_fraction=0.2, plain_fraction=1.0,
               clutter_fraction=0.25, attribute_weight=3.0)
 
@@ -205,16 +252,18 @@ def pretrain(name="tiny-world", out="", steps=RECIPE["steps"], batch_size=RECIPE
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    # Two or more threads: the two towers side by side, each op single-threaded (threads // 2 per tower);
+    # one thread: the towers one after the other.
+    torch.set_num_threads(max(1, threads // 2))
     try:
-        return _pretrain(name, out, steps, batch_size, pool, lr, weight_decay, warmup, seed, eval_every,
+        return _pretrain(name, out, steps, batch_size, pool, lr, weight_decay, warmup, seed, threads, eval_every,
                          eval_per_class, group_size, texture_fraction, plain_fraction,
                          clutter_fraction, attribute_weight, force, log)
     finally:
         torch.set_num_threads(previous)
 
 
-def _pretrain(name, out, steps, batch_size, pool, lr, weight_decay, warmup, seed, eval_every, eval_per_class,
+def _pretrain(name, out, steps, batch_size, pool, lr, weight_decay, warmup, seed, threads, eval_every, eval_per_class,
               group_size, texture_fraction, plain_fraction, clutter_fraction, attribute_weight, force,
               log):
     if name not in WORLD_MODELS:
@@ -253,7 +302,7 @@ def _pretrain(name, out, steps, batch_size, pool, lr, weight_decay, warmup, seed
     model = clip.model.CLIP(**arch).float()
     model.arch = arch
     log(f"[pretrain] {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-        f"{torch.get_num_threads()} threads; drawing {pool} world images")
+        f"{threads} thread(s){' (one per tower)' if threads > 1 else ''}; drawing {pool} world images")
     mix = dict(texture_fraction=texture_fraction, plain_fraction=plain_fraction, clutter_fraction=clutter_fraction)
     if group_size > 1:
         specs, groups = world.sample_contrast_groups(rng, pool, **mix)
@@ -263,25 +312,34 @@ def _pretrain(name, out, steps, batch_size, pool, lr, weight_decay, warmup, seed
     tasks = eval_sets(seed, eval_per_class)
     log(f"[pretrain] data ready in {time.time() - t0:.1f} s")
 
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    # fused: one kernel for all parameters (the per-tensor loop cost more than the forward pass of the text tower)
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    tokenize = CachedTokenizer(clip.tokenize)
+    prompts = attribute_prompts() if attribute_weight > 0 else {}
+    prompt_texts = [t for texts in prompts.values() for t in texts]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     history = []
+    towers = Towers(model, parallel=threads > 1)
     model.train()
     bar = tqdm(range(steps), desc=f"pretrain {name}", disable=not sys.stderr.isatty())
     for step in bar:
         idx = draw_batch(rng, pool, batch_size, groups, group_size)
-        tokens = clip.tokenize([world.caption(specs[i], rng) for i in idx])
-        img = F.normalize(model.encode_image(images[torch.from_numpy(idx)]), dim=-1)
-        txt = F.normalize(encode_text(model, tokens), dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.t()
+        # One text pass for the batch's captions and every attribute prompt (one call instead of four).
+        tokens = tokenize([world.caption(specs[i], rng) for i in idx] + prompt_texts)
+        img, txt = towers.forward(images[torch.from_numpy(idx)], tokens)
+        opt.zero_grad(set_to_none=True)
+        img_out, txt_out = img.detach().requires_grad_(), txt.detach().requires_grad_()
+        img_n, txt_n = F.normalize(img_out, dim=-1), F.normalize(txt_out, dim=-1)
+        logits = model.logit_scale.exp() * img_n @ txt_n[:batch_size].t()
         target = torch.arange(batch_size)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
         if attribute_weight > 0:
-            loss = loss + attribute_weight * attribute_loss(model, img, attribute_labels([specs[i] for i in idx]),
-                                                            clip.tokenize)
-        opt.zero_grad(set_to_none=True)
+            features = dict(zip(prompts, txt_n[batch_size:].split([len(v) for v in prompts.values()])))
+            loss = loss + attribute_weight * attribute_loss(model, img_n, attribute_labels([specs[i] for i in idx]),
+                                                            features)
         loss.backward()
+        towers.backward((img, img_out.grad), (txt, txt_out.grad))
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -295,11 +353,12 @@ def _pretrain(name, out, steps, batch_size, pool, lr, weight_decay, warmup, seed
             line = "  ".join(f"{k} {v}" for k, v in history[-1].items())
             (bar.write if not bar.disable else log)(f"[pretrain] {line}")
 
+    towers.close()
     atomic_torch_save(openai_state_dict(model), out)
     # Final figures come from the checkpoint as the harness loads it (engine/clip_loader, real-weights path).
     loaded = load_clip(name, str(out))
     final = zero_shot(loaded, tasks, clip.tokenize, encode_text)
-    record = {"params": params, "sha256": sha256_file(out), "threads": torch.get_num_threads(),
+    record = {"params": params, "sha256": sha256_file(out), "threads": threads,
               "seconds": round(time.time() - t0, 1), "zero_shot": {k: round(v, 2) for k, v in final.items()},
               "chance": {k: round(v, 2) for k, v in chance_levels().items()}, "history": history}
     atomic_write_json(record, meta_path)
@@ -332,7 +391,8 @@ def main(argv=None):
                    help="share of objects on a cluttered background")
     p.add_argument("--attribute-weight", type=float, default=r["attribute_weight"],
                    help="weight of the attribute-prompt loss (0: the image-caption pair loss alone)")
-    p.add_argument("--threads", type=int, default=r["threads"], help="torch threads (the hash may depend on it)")
+    p.add_argument("--threads", type=int, default=r["threads"], help="threads: 1 runs the towers in turn, 2 side by side (same checkpoint); more give each tower's "
+                   "ops threads // 2 (the hash may depend on it)")
     p.add_argument("--force", action="store_true", help="retrain even when a matching checkpoint exists")
     a = require_at_least(p.parse_args(argv), eval_every=1, threads=1, warmup=0, seed=0)
     pretrain(a.name, a.out, a.steps, a.batch_size, a.pool, a.lr, a.weight_decay, a.warmup, a.seed, a.eval_every,
