@@ -14,6 +14,7 @@ import fcntl
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -131,6 +132,19 @@ def run_lane(units, lane):
     return [run_unit(u, lane) for u in units]
 
 
+class SlurmLane:
+    """``run_lane`` as a submitit Checkpointable: a SLURM task that is preempted or reaches its time limit gets
+    submitit's signal, is requeued with the same units, and its runs resume from their last epoch checkpoint
+    (run state lives in the run folders, so resubmitting the same call is the checkpoint)."""
+
+    def __call__(self, units, lane):
+        return run_lane(units, lane)
+
+    def checkpoint(self, units, lane):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, units, lane)
+
+
 def unit_payload(unit):
     return {"key": unit.key, "steps": [{"folder": s.folder, "argv": list(s.argv)} for s in unit.steps]}
 
@@ -156,7 +170,7 @@ def slurm_parameters(opts, name):
               "gpus_per_node": int(opts.get("gpus_per_run", 1)), "tasks_per_node": 1, "nodes": 1,
               "cpus_per_task": int(opts.get("cpus_per_run", 8)),
               "slurm_array_parallelism": int(opts.get("array_parallelism", 64)),
-              "slurm_setup": [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}"]}
+              "slurm_setup": [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]}
     if opts.get("partition"):
         params["slurm_partition"] = opts["partition"]
     if opts.get("mem_gb"):
@@ -218,9 +232,12 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
                 submitted.append(executor.submit(run_lane, _rotate(payload, lane * len(payload) // n), lane))
             log(f"[launch] {len(payload)} unit(s) on {n} local job(s)" + (f", GPUs {gpus[:n]}" if gpus else ", CPU"))
         elif launcher == "slurm":
+            from tools.tables.slurm_jobs import track
             executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
             executor.update_parameters(**slurm_parameters(slurm or {}, plan.spec.name))
-            submitted = executor.map_array(run_lane, [[p] for p in payload], list(range(len(payload))))
+            submitted_at = time.time()
+            submitted = executor.map_array(SlurmLane(), [[p] for p in payload], list(range(len(payload))))
+            submitted = track(submitted, executor.folder, submitted_at)   # job state from squeue, not sacct
             log(f"[launch] {len(payload)} unit(s) as a SLURM array (job {submitted[0].job_id.split('_')[0]}); "
                 f"logs under {folder}")
         else:
