@@ -101,7 +101,7 @@ JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+KillWait=2
 MinJobAge=600
 $gres_types
 $hw NodeAddr=127.0.0.1$gres_line State=UNKNOWN

@@ -260,7 +260,7 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
                 report["outcomes"] += outcome
             else:  # the job itself died (killed, out of memory, ...)
                 report["job_failures"].append({"job_id": job.job_id, "error": str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
-                                               "job_log": str(job.paths.stderr)})
+                                               "state": job.state, "job_log": str(job.paths.stderr)})
     # Units run by another launch (or skipped as busy): wait until nobody holds their locks.
     busy = set(elsewhere) | {o["unit"] for o in report["outcomes"] if o["status"] == "busy"}
     by_key = {u.key: u for u in plan.units}
@@ -271,7 +271,7 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
             log(f"[failed] {o['folder']}: {o['message']} (log: {o['log']}; error: {o['error_log']}"
                 + (f"; job log: {o['job_log']}" if o.get("job_log") else "") + ")")
     for f in report["job_failures"]:
-        log(f"[failed] job {f['job_id']} died: {f['error']} (job log: {f['job_log']})")
+        log(f"[failed] job {f['job_id']} died ({f['state']}): {f['error']} (job log: {f['job_log']})")
     again = [by_key[k] for k in sorted(busy) if wait and by_key[k].state() != "done"]
     if again and rounds > 1:
         log(f"[launch] {len(again)} unit(s) were busy elsewhere and are still unfinished: submitting them again")
