@@ -4,7 +4,8 @@ Local: N jobs ("lanes"), one per GPU when GPUs are visible (``CUDA_VISIBLE_DEVIC
 submitit), each given every pending unit (starting at a different offset). A lane takes a unit's step by
 locking ``<run folder>/.table.lock`` (``flock``, released by the kernel when the process dies), so a run is
 never executed twice at once, and a killed job's run is free for the next launch. SLURM: one array task per
-unit (``--array-parallelism`` at a time), same locking. Each step is ``train.main(argv)`` in the job's process
+unit (``--array-parallelism`` at a time), same locking; a preempted or timed-out task is requeued and resumes
+(``SlurmLane``), and job states come from squeue, not sacct (tools/tables/slurm_jobs.py). Each step is ``train.main(argv)`` in the job's process
 (the exact arguments of scripts/lib.sh); its log is ``log.txt`` in its run folder; a failure writes
 ``table_error.log`` next to it and does not stop the other units.
 """

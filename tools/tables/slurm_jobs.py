@@ -69,7 +69,7 @@ class SqueueWatcher(SlurmInfoWatcher):
 
 
 class SqueueSlurmJob(SlurmJob):
-    watcher = SqueueWatcher(delay_s=30)
+    watcher = SqueueWatcher(delay_s=15)   # at most this long between two squeue calls
 
 
 def track(jobs, folder, submitted_at):
