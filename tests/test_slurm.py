@@ -144,6 +144,22 @@ def test_cluster_has_no_accounting_and_state_comes_from_squeue(cluster, tmp_path
     assert squeue_states(["99999999"]) == {"99999999": GONE}
 
 
+def test_result_of_an_earlier_job_with_the_same_id_is_not_taken(tmp_path):
+    """Job ids restart when a cluster's state is wiped: a result file older than the submission is removed."""
+    from tools.tables.slurm_jobs import SqueueSlurmJob, track
+    folder = tmp_path / "%j"
+    old, new = SqueueSlurmJob(folder=folder, job_id="7_0"), SqueueSlurmJob(folder=folder, job_id="7_1")
+    for job in (old, new):
+        job.paths.result_pickle.parent.mkdir(parents=True)
+        job.paths.result_pickle.write_bytes(b"x")
+    submitted_at = time.time()
+    os.utime(old.paths.result_pickle, (submitted_at - 60, submitted_at - 60))
+    os.utime(new.paths.result_pickle, (submitted_at + 1, submitted_at + 1))
+    tracked = track([old, new], folder, submitted_at)
+    assert [type(j) for j in tracked] == [SqueueSlurmJob] * 2 and [j.job_id for j in tracked] == ["7_0", "7_1"]
+    assert not old.paths.result_pickle.exists() and new.paths.result_pickle.exists()
+
+
 def test_table_runs_as_one_job_array(first_table, root):
     out, spec = first_table["out"], first_table["spec"]
     report = _report(out, "slurm_synth")
@@ -190,15 +206,16 @@ def test_scancel_then_relaunch_finishes_without_rerunning(first_table, root):
 
 @pytest.mark.parametrize("how, epochs", [("submitit_signal", 8), ("scontrol_requeue", 20)])
 def test_preempted_task_is_requeued_and_resumes_from_its_checkpoint(cluster, root, tmp_path, how, epochs):
-    """``submitit_signal``: the signal SLURM sends before a time limit or a preemption (submitit checkpoints
-    and requeues the task itself, at once); ``scontrol_requeue``: SLURM kills the task (KillWait after the
-    SIGTERM submitit ignores, so more epochs) and requeues it."""
+    """``submitit_signal``: the signal SLURM sends before a task's time limit (submitit requeues the task
+    itself, at once; with ``--time 10`` submitit counts any signal as a time-out, after which only a
+    checkpointable task is requeued); ``scontrol_requeue``: SLURM kills the task (KillWait after the SIGTERM
+    submitit ignores, so more epochs) and requeues it, as a preemption in requeue mode does."""
     from submitit.slurm.slurm import SlurmJobEnvironment
     spec = _spec(tmp_path, "slurm_resume", [1], epochs)
     out = tmp_path / "out"
     (unit,) = _plan(spec, out, root).units
     train = Path(unit.steps[0].folder)
-    launcher = _launcher(spec, out, root)
+    launcher = _launcher(spec, out, root, *(["--time", "10"] if how == "submitit_signal" else []))
     try:
         _wait_for(lambda: glob.glob(str(train / "*" / "checkpoint")) and not (train / "results.json").exists(),
                   300, "the first epoch checkpoint", launcher)
@@ -221,7 +238,8 @@ def test_preempted_task_is_requeued_and_resumes_from_its_checkpoint(cluster, roo
     assert json.loads((train / "results.json").read_text())["results"]["test"]["accuracy"] >= 0
     if how == "submitit_signal":
         err = next((out / "tables/_submitit/slurm_resume").glob(f"{task}/{task}_0_log.err")).read_text()
-        assert f"Caught signal SIG{SlurmJobEnvironment.USR_SIG}" in err and "DUE TO JOB REQUEUE" in err
+        assert f"Caught signal SIG{SlurmJobEnvironment.USR_SIG}" in err and "this job is timed-out" in err
+        assert "DUE TO JOB REQUEUE" in err and "not requeued" not in err
 
 
 def test_demo_report_names_the_launcher(tmp_path):
