@@ -14,8 +14,8 @@
 # configs/tables/demo.yaml (or run python -m tools.tables on a spec of your own).
 # --launcher slurm: the runs go to a SLURM cluster as one job array (DEMO_JOBS tasks at a time): the one
 # SLURM_CONF or /etc/slurm names, else the local one of scripts/slurm_local.sh (start it first with
-# `bash scripts/slurm_local.sh up`). DEMO_PARTITION, DEMO_GPUS_PER_RUN (default: 1 when the cluster has GPUs,
-# else 0) and DEMO_CPUS_PER_RUN (default 1; 3 for ViT-B/16) set the array's requests.
+# `bash scripts/slurm_local.sh up`), on its default partition with 1 GPU per run when its nodes have GPUs (else
+# none) and 1 CPU per run (3 for ViT-B/16); other requests: python -m tools.tables demo --launcher slurm --help.
 # usage: bash scripts/demo.sh [--launcher local|slurm]
 set -euo pipefail
 read -r -a demo_extra <<< "${DEMO_EXTRA:-}"
@@ -91,15 +91,11 @@ export EXTRA="$EXTRA ${DEMO_EXTRA:-}"
 # runs at a time, one torch thread each; finished runs are skipped on a rerun. The table goes to
 # $DEMO_OUTPUT/tables/demo/.
 if [ "$launcher" = slurm ]; then
-  gpus="${DEMO_GPUS_PER_RUN:-}"
-  if [ -z "$gpus" ]; then
-    gpus=0
-    sinfo -h -o %G 2>/dev/null | grep -q gpu && gpus=1
-  fi
-  cpus="${DEMO_CPUS_PER_RUN:-}"
-  [ -n "$cpus" ] || { [ "$backbone" = ViT-B/16 ] && cpus=3 || cpus=1; }   # ViT-B/16: 2 loader workers
+  gpus=0
+  if sinfo -h -o %G 2>/dev/null | grep -q gpu; then gpus=1; fi
+  cpus=1
+  if [ "$backbone" = ViT-B/16 ]; then cpus=3; fi   # its 2 data-loader workers and the run
   launch=(--launcher slurm --gpus-per-run "$gpus" --cpus-per-run "$cpus" --array-parallelism "$DEMO_JOBS")
-  [ -z "${DEMO_PARTITION:-}" ] || launch+=(--partition "$DEMO_PARTITION")
   echo "[demo] launching through SLURM: one job array, $DEMO_JOBS task(s) at a time, $gpus GPU(s) and $cpus CPU(s) per run"
 else
   launch=(--jobs "$DEMO_JOBS")

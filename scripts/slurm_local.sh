@@ -100,6 +100,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
+EnforcePartLimits=ALL
 JobRequeue=1
 KillWait=2
 MinJobAge=600

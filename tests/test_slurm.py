@@ -175,6 +175,15 @@ def test_table_runs_as_one_job_array(first_table, root):
     assert "| CoOp+LA |" in md
 
 
+def test_request_the_cluster_cannot_meet_is_one_error(cluster, root, tmp_path):
+    """A job array sbatch refuses (here more CPUs per run than the node has) stops the launch with one line."""
+    from engine.cli import UserError
+    spec = _spec(tmp_path, "slurm_refused", [1], 1)
+    with pytest.raises(UserError, match=r"^sbatch refused the SLURM jobs of slurm_refused: .*More processors"):
+        _cli(spec, tmp_path / "out", root, "--cpus-per-run", "512")
+    assert set(_plan(spec, tmp_path / "out", root).states().values()) == {"missing"}
+
+
 def test_scancel_then_relaunch_finishes_without_rerunning(first_table, root):
     spec, out = first_table["spec"], first_table["base"] / "out_cancel"
     plan = _plan(spec, out, root)

@@ -237,7 +237,11 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
             executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
             executor.update_parameters(**slurm_parameters(slurm or {}, plan.spec.name))
             submitted_at = time.time()
-            submitted = executor.map_array(SlurmLane(), [[p] for p in payload], list(range(len(payload))))
+            try:
+                submitted = executor.map_array(SlurmLane(), [[p] for p in payload], list(range(len(payload))))
+            except submitit.core.utils.FailedJobError as err:   # sbatch said no: partition, account, resources
+                reason = " ".join(str(err).split())
+                raise UserError(f"sbatch refused the SLURM jobs of {plan.spec.name}: {reason}") from err
             submitted = track(submitted, executor.folder, submitted_at)   # job state from squeue, not sacct
             log(f"[launch] {len(payload)} unit(s) as a SLURM array (job {submitted[0].job_id.split('_')[0]}); "
                 f"logs under {folder}")
