@@ -12,11 +12,39 @@
 # Environment (optional): DEMO_JOBS (runs in parallel, default 2, one torch thread each), DEMO_EXTRA (extra
 # KEY VALUE opts for every run; they name the run folders). Methods, datasets and schedules: edit
 # configs/tables/demo.yaml (or run python -m tools.tables on a spec of your own).
-# usage: bash scripts/demo.sh
+# --launcher slurm: the runs go to a SLURM cluster as one job array (DEMO_JOBS tasks at a time): the one
+# SLURM_CONF or /etc/slurm names, else the local one of scripts/slurm_local.sh (start it first with
+# `bash scripts/slurm_local.sh up`), on its default partition with 1 GPU per run when its nodes have GPUs (else
+# none) and 1 CPU per run (3 for ViT-B/16); other requests: python -m tools.tables demo --launcher slurm --help.
+# usage: bash scripts/demo.sh [--launcher local|slurm]
 set -euo pipefail
 read -r -a demo_extra <<< "${DEMO_EXTRA:-}"
 (( ${#demo_extra[@]} % 2 == 0 )) \
   || { echo "error: DEMO_EXTRA must be KEY VALUE pairs, got an odd number of words: '${DEMO_EXTRA:-}'" >&2; exit 2; }
+launcher=local
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --launcher) [ $# -ge 2 ] || { echo "error: --launcher needs a value (local or slurm)" >&2; exit 2; }
+                launcher="$2"; shift 2 ;;
+    --launcher=*) launcher="${1#--launcher=}"; shift ;;
+    *) echo "error: unknown argument '$1' (usage: bash scripts/demo.sh [--launcher local|slurm])" >&2; exit 2 ;;
+  esac
+done
+case "$launcher" in
+  local|slurm) ;;
+  *) echo "error: --launcher must be local or slurm, got '$launcher'" >&2; exit 2 ;;
+esac
+if [ "$launcher" = slurm ]; then
+  # A cluster configured for this shell first; else the local one of scripts/slurm_local.sh, when it is up.
+  slurm_local="$(dirname "${BASH_SOURCE[0]}")/slurm_local.sh"
+  if [ -n "${SLURM_CONF:-}" ]; then   # (sinfo would retry a missing file for a minute)
+    [ -f "$SLURM_CONF" ] || { echo "error: --launcher slurm: SLURM_CONF is $SLURM_CONF, which is not a file" >&2; exit 2; }
+  elif [ ! -f /etc/slurm/slurm.conf ] && bash "$slurm_local" status >/dev/null 2>&1; then
+    eval "$(bash "$slurm_local" env)"
+    echo "[demo] using the local SLURM cluster of scripts/slurm_local.sh ($SLURM_CONF)"
+  fi
+  timeout 90 sinfo >/dev/null 2>&1 || { echo "error: --launcher slurm: no SLURM cluster answers sinfo; start the local one with: bash scripts/slurm_local.sh up" >&2; exit 2; }
+fi
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
 DEMO_OUTPUT="${DEMO_OUTPUT:-$REPO/output/demo}"
@@ -59,11 +87,22 @@ esac
 export EXTRA="$EXTRA ${DEMO_EXTRA:-}"
 
 # The runs are the table spec configs/tables/demo.yaml (methods, their shortened schedules, the three demo
-# datasets), launched through the table library's submitit local executor: DEMO_JOBS runs at a time, one
-# torch thread each; finished runs are skipped on a rerun. The table goes to $DEMO_OUTPUT/tables/demo/.
+# datasets), launched through the table library: submitit's local executor, or one SLURM job array; DEMO_JOBS
+# runs at a time, one torch thread each; finished runs are skipped on a rerun. The table goes to
+# $DEMO_OUTPUT/tables/demo/.
+if [ "$launcher" = slurm ]; then
+  gpus=0
+  if sinfo -h -o %G 2>/dev/null | grep -q gpu; then gpus=1; fi
+  cpus=1
+  if [ "$backbone" = ViT-B/16 ]; then cpus=3; fi   # its 2 data-loader workers and the run
+  launch=(--launcher slurm --gpus-per-run "$gpus" --cpus-per-run "$cpus" --array-parallelism "$DEMO_JOBS")
+  echo "[demo] launching through SLURM: one job array, $DEMO_JOBS task(s) at a time, $gpus GPU(s) and $cpus CPU(s) per run"
+else
+  launch=(--jobs "$DEMO_JOBS")
+fi
 t0=$SECONDS
 read -r -a opts <<< "$EXTRA"
-OMP_NUM_THREADS=1 py -m tools.tables demo --output "$DEMO_OUTPUT" --data "$DATA" --jobs "$DEMO_JOBS" \
+OMP_NUM_THREADS=1 py -m tools.tables demo --output "$DEMO_OUTPUT" --data "$DATA" "${launch[@]}" \
   --opts "${opts[@]}" 2>&1 | tee "$LOGS/tables.log"
 rc=${PIPESTATUS[0]}
 printf 'runs\t%s\n' $((SECONDS - t0)) >> "$TIMINGS"

@@ -9,6 +9,7 @@ with the same ``--output``, ``--data`` and ``--opts``); their cells come from th
 checkpoint, and writes ``<root>/demo_plot.png`` and ``<root>/REPORT.md``.
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -94,6 +95,24 @@ def read_timings(root):
     return timings
 
 
+def launch_text(root):
+    """How the last launch ran the demo's runs (the table launcher's tables/demo/launch_report.json), or None."""
+    path = Path(root) / "tables" / "demo" / "launch_report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    jobs, done = report.get("jobs") or [], report.get("skipped_done", 0)
+    if report.get("launcher") == "slurm":
+        arrays = sorted({j.split("_")[0] for j in jobs})
+        how = (f"through SLURM: {len(jobs)} task(s) of job array {', '.join(arrays)}" if jobs else
+               "through SLURM (nothing left to submit)")
+    else:
+        how = (f"through submitit's local executor: {len(jobs)} job(s)" if jobs else
+               "locally (nothing left to submit)")
+    return (f"Runs launched {how}; {report.get('pending', 0)} unit(s) submitted (a training run with its "
+            f"evaluations each), {done} finished before.")
+
+
 def pretrain_record(backbone):
     if backbone != "tiny-world":
         return None, None
@@ -139,6 +158,9 @@ def report_text(root, backbone, plan, summary, zero_shot, timings, ckpt, record)
     if chance:
         lines += ["Zero-shot new-class accuracy per dataset: " + "; ".join(chance) + ".", ""]
     lines += ["![head, tail and new accuracy per method](demo_plot.png)", ""]
+    launch = launch_text(root)
+    if launch:
+        lines += ["## Launch", "", launch, ""]
     lines += ["## Time", ""]
     names = {"data": "generate the demo datasets", "pretrain": "pretrain (or reuse) tiny-world",
              "runs": "all training and evaluation runs", "total": "whole demo"}

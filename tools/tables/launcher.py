@@ -4,15 +4,18 @@ Local: N jobs ("lanes"), one per GPU when GPUs are visible (``CUDA_VISIBLE_DEVIC
 submitit), each given every pending unit (starting at a different offset). A lane takes a unit's step by
 locking ``<run folder>/.table.lock`` (``flock``, released by the kernel when the process dies), so a run is
 never executed twice at once, and a killed job's run is free for the next launch. SLURM: one array task per
-unit (``--array-parallelism`` at a time), same locking. Each step is ``engine.runs.main(argv)`` in the job's
-process (the run API's step, the same the per-method scripts run); its log is ``log.txt`` in its run folder; a
-failure writes ``table_error.log`` next to it and does not stop the other units.
+unit (``--array-parallelism`` at a time), same locking; a preempted or timed-out task is requeued and resumes
+(``SlurmLane``), and job states come from squeue, not sacct (tools/tables/slurm_jobs.py). Each step is
+``engine.runs.main(argv)`` in the job's process (the run API's step, the same the per-method scripts run); its
+log is ``log.txt`` in its run folder; a failure writes ``table_error.log`` next to it and does not stop the
+other units.
 """
 import contextlib
 import datetime
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -115,6 +118,19 @@ def run_lane(units, lane):
     return [run_unit(u, lane) for u in units]
 
 
+class SlurmLane:
+    """``run_lane`` as a submitit Checkpointable: a SLURM task that is preempted or reaches its time limit gets
+    submitit's signal, is requeued with the same units, and its runs resume from their last epoch checkpoint
+    (run state lives in the run folders, so resubmitting the same call is the checkpoint)."""
+
+    def __call__(self, units, lane):
+        return run_lane(units, lane)
+
+    def checkpoint(self, units, lane):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, units, lane)
+
+
 def unit_payload(unit):
     return {"key": unit.key, "steps": [{"folder": s.folder, "argv": list(s.argv)} for s in unit.steps]}
 
@@ -140,7 +156,7 @@ def slurm_parameters(opts, name):
               "gpus_per_node": int(opts.get("gpus_per_run", 1)), "tasks_per_node": 1, "nodes": 1,
               "cpus_per_task": int(opts.get("cpus_per_run", 8)),
               "slurm_array_parallelism": int(opts.get("array_parallelism", 64)),
-              "slurm_setup": [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}"]}
+              "slurm_setup": [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]}
     if opts.get("partition"):
         params["slurm_partition"] = opts["partition"]
     if opts.get("mem_gb"):
@@ -202,9 +218,16 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
                 submitted.append(executor.submit(run_lane, _rotate(payload, lane * len(payload) // n), lane))
             log(f"[launch] {len(payload)} unit(s) on {n} local job(s)" + (f", GPUs {gpus[:n]}" if gpus else ", CPU"))
         elif launcher == "slurm":
+            from tools.tables.slurm_jobs import track
             executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
             executor.update_parameters(**slurm_parameters(slurm or {}, plan.spec.name))
-            submitted = executor.map_array(run_lane, [[p] for p in payload], list(range(len(payload))))
+            submitted_at = time.time()
+            try:
+                submitted = executor.map_array(SlurmLane(), [[p] for p in payload], list(range(len(payload))))
+            except submitit.core.utils.FailedJobError as err:   # sbatch said no: partition, account, resources
+                reason = " ".join(str(err).split())
+                raise UserError(f"sbatch refused the SLURM jobs of {plan.spec.name}: {reason}") from err
+            submitted = track(submitted, executor.folder, submitted_at)   # job state from squeue, not sacct
             log(f"[launch] {len(payload)} unit(s) as a SLURM array (job {submitted[0].job_id.split('_')[0]}); "
                 f"logs under {folder}")
         else:
@@ -227,7 +250,7 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
                 report["outcomes"] += outcome
             else:  # the job itself died (killed, out of memory, ...)
                 report["job_failures"].append({"job_id": job.job_id, "error": str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
-                                               "job_log": str(job.paths.stderr)})
+                                               "state": job.state, "job_log": str(job.paths.stderr)})
     # Units run by another launch (or skipped as busy): wait until nobody holds their locks.
     busy = set(elsewhere) | {o["unit"] for o in report["outcomes"] if o["status"] == "busy"}
     by_key = {u.key: u for u in plan.units}
@@ -238,7 +261,7 @@ def launch(plan, launcher="local", jobs=None, slurm=None, wait=True, log=print, 
             log(f"[failed] {o['folder']}: {o['message']} (log: {o['log']}; error: {o['error_log']}"
                 + (f"; job log: {o['job_log']}" if o.get("job_log") else "") + ")")
     for f in report["job_failures"]:
-        log(f"[failed] job {f['job_id']} died: {f['error']} (job log: {f['job_log']})")
+        log(f"[failed] job {f['job_id']} died ({f['state']}): {f['error']} (job log: {f['job_log']})")
     again = [by_key[k] for k in sorted(busy) if wait and by_key[k].state() != "done"]
     if again and rounds > 1:
         log(f"[launch] {len(again)} unit(s) were busy elsewhere and are still unfinished: submitting them again")
