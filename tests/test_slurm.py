@@ -116,7 +116,7 @@ def _start_requeued(task):
 @pytest.fixture(scope="module")
 def first_table(cluster, root, tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm_table")
-    spec = _spec(base, "slurm_synth", [1, 2], 2)
+    spec = _spec(base, "slurm_synth", [1, 2], 20)   # ~15 s a unit: long enough to scancel a running one
     out = base / "out"
     assert _cli(spec, out, root) == 0
     return {"spec": spec, "out": out, "base": base}
