@@ -94,3 +94,40 @@ def test_every_trainer_benchmarks_in_every_shipped_config(tmp_path, path):
         assert fig["estimated_peak_bytes"] > 0
         if trainer in ("CoOp", "MaPLe", "LAMP", "VaMP"):  # one text pass over the classes / B x C sequences
             assert fig["estimate_text_seqs_per_backward"] == (10 if trainer in ("CoOp", "MaPLe") else 4 * 10)
+
+
+def test_op_classes():
+    assert [bench.op_class(n) for n in ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                                        "aten::native_layer_norm", "aten::_softmax", "aten::gelu", "aten::cat",
+                                        "aten::copy_", "aten::view", "Optimizer.step#AdamW.step")] == [
+        "GEMM", "attention", bench.ELEMENTWISE, bench.ELEMENTWISE, bench.ELEMENTWISE, "copies", "copies", "other",
+        "other"]
+
+
+def test_profile_breaks_one_step_down_by_op_class(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--trainer", "LAMP", "--backbone", "tiny", "--batch", "2", "--classes", "3", "--steps", "1",
+                       "--warmup", "0", "--peak-size", "64", "--profile", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    fig = json.loads(out.read_text())
+    by_class = fig["profile_ms_by_class"]
+    assert list(by_class) == list(bench.PROFILE_ORDER)
+    assert by_class["GEMM"] > 0 and by_class["attention"] > 0 and by_class[bench.ELEMENTWISE] > 0
+    assert fig["profile_top_ops"] and all(op["ms"] > 0 for op in fig["profile_top_ops"])
+    assert re.search(r"^profile \(self time of one step by op class\): GEMM [\d.]+ ms \(\d+%\); attention", text, re.M)
+    fig_plain = tmp_path / "plain.json"
+    bench.main(["--trainer", "LAMP", "--backbone", "tiny", "--batch", "2", "--classes", "3", "--steps", "1",
+                "--warmup", "0", "--peak-size", "64", "--out", str(fig_plain)])
+    assert "profile_ms_by_class" not in json.loads(fig_plain.read_text())
+
+
+def test_timing_only_skips_the_counts(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--trainer", "CoOp", "--backbone", "tiny", "--batch", "2", "--classes", "3", "--steps", "1",
+                       "--warmup", "0", "--timing-only", "--out", str(out)]) == 0
+    fig = json.loads(out.read_text())
+    assert fig["ms_per_step"] > 0 and fig["peak_mb"] > 0
+    assert not {"flops_per_step", "text_seqs_per_step", "saved_activation_bytes"} & set(fig)
+    assert "utilisation:" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--timing-only"):
+        bench.main(["--trainer", "CoOp", "--backbone", "tiny", "--timing-only", "--profile"])

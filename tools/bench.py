@@ -188,6 +188,58 @@ def utilisation(flops, ms_per_step, peak, dtype_name):
             "gemm_peak_dtype": dtype_name, "peak_share": achieved / peak}, line
 
 
+# torch.profiler's aten ops by class (self time, so a composite op is not counted twice with its kernels).
+OP_CLASSES = (
+    ("GEMM", ("mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "convolution", "_convolution",
+              "mkldnn_convolution", "convolution_backward", "conv2d", "einsum", "_mkldnn_matmul")),
+    ("attention", ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                   "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention",
+                   "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention",
+                   "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention",
+                   "_scaled_dot_product_cudnn_attention_backward", "_flash_attention_forward",
+                   "_flash_attention_backward", "_efficient_attention_forward", "_efficient_attention_backward")),
+    ("copies", ("copy_", "_to_copy", "to", "clone", "contiguous", "cat", "stack", "index", "index_select",
+                "index_put_", "_index_put_impl_", "index_add_", "repeat", "repeat_interleave", "gather", "scatter",
+                "scatter_add_", "fill_", "zero_", "zeros", "zeros_like", "empty", "empty_like", "new_zeros",
+                "ones_like", "new_empty_strided", "empty_strided", "slice_backward", "select_backward")),
+)
+VIEWS = ("view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "permute", "expand", "slice", "select",
+         "unsqueeze", "squeeze", "t", "as_strided", "split", "split_with_sizes", "chunk", "narrow", "unbind",
+         "detach", "alias", "flatten", "unflatten", "lift_fresh", "numpy_T", "expand_as", "view_as", "result_type")
+ELEMENTWISE = "softmax / LayerNorm / elementwise"
+PROFILE_ORDER = ("GEMM", "attention", ELEMENTWISE, "copies", "other")
+
+
+def op_class(name):
+    """The class of a profiler event: an aten op by name (any other aten op counts as elementwise: softmax,
+    LayerNorm, activations, reductions, and their backward); views (no data moved: dispatch cost), autograd and
+    Python frames are 'other'."""
+    op = name[len("aten::"):]
+    if not name.startswith("aten::") or op in VIEWS:
+        return "other"
+    for cls, ops in OP_CLASSES:
+        if op in ops:
+            return cls
+    return ELEMENTWISE
+
+
+def profile_step(step_fn, device):
+    """Self time (ms) of one ``step_fn`` by op class, and the ten costliest ops."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step_fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    by_class, ops = dict.fromkeys(PROFILE_ORDER, 0.0), []
+    for event in prof.key_averages():
+        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        by_class[op_class(event.key)] += us / 1000
+        ops.append((us / 1000, event.key))
+    top = [{"op": name, "ms": ms} for ms, name in sorted(ops, reverse=True)[:10] if ms > 0]
+    return by_class, top
+
+
 def build_trainer(args, config_file, num_classes, out):
     size_opts = []
     if args.backbone in RANDOM_ARCHS:  # random archs have their own input resolution (tiny: 32 px)
@@ -242,6 +294,12 @@ def main(argv=None):
     p.add_argument("--params-only", action="store_true", help="print only the trainable parameter count")
     p.add_argument("--estimate-for", type=parse_size, default=None, metavar="BxC",
                    help="also estimate the peak memory of a training step with B images and C classes")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one step (torch.profiler) by op class: GEMM, attention, softmax / LayerNorm / "
+                        "elementwise, copies")
+    p.add_argument("--timing-only", action="store_true",
+                   help="time the step and read the peak memory only: no FLOP count, sequence count or activation "
+                        "bytes (each of those runs the step again)")
     p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the GEMM peak micro-benchmark")
     p.add_argument("--out", default="", help="also write the figures as JSON to this file")
     p.add_argument("opts", nargs=argparse.REMAINDER)
@@ -249,6 +307,9 @@ def main(argv=None):
 
     import trainers  # noqa: F401
     TRAINER_REGISTRY.get(args.trainer)  # an unknown trainer: one line naming the registered ones
+    if args.timing_only and (args.profile or args.estimate_for):
+        raise ValueError("--timing-only measures the step time and peak memory only: it takes neither --profile "
+                         "nor --estimate-for")
     if args.batch < 1 or args.classes < 1 or args.steps < 1 or args.warmup < 0 or args.peak_size < 1:
         raise ValueError(f"--batch, --classes, --steps and --peak-size must be >= 1 and --warmup >= 0, got "
                          f"{args.batch}, {args.classes}, {args.steps}, {args.peak_size}, {args.warmup}")
@@ -303,11 +364,22 @@ def main(argv=None):
         kind = "CUDA allocated" if trainer.device.type == "cuda" else "process RSS"
         print(f"peak memory        {peak:.0f} MiB ({kind}); resident before the first step {resident:.0f} MiB; "
               f"activation (peak - resident) {peak - resident:.0f} MiB")
+        if args.timing_only:
+            if args.out:
+                atomic_write_json(figures, args.out)
+            return 0
         dtype_name = "fp16" if trainer.precision == "amp" else trainer.precision
         gemm_peak = gemm_peak_flops(trainer.device, PRECISION_DTYPES[trainer.precision], args.peak_size)
         util, line = utilisation(count_flops(step_fn), statistics.median(times), gemm_peak, dtype_name)
         figures.update(util)
         print(line)
+        if args.profile:
+            by_class, top = profile_step(step_fn, trainer.device)
+            total = sum(by_class.values()) or 1.0
+            figures.update(profile_ms_by_class=by_class, profile_top_ops=top)
+            print("profile (self time of one step by op class): " + "; ".join(
+                f"{cls} {ms:.1f} ms ({100 * ms / total:.0f}%)" for cls, ms in by_class.items()))
+            print("costliest ops: " + "; ".join(f"{t['op']} {t['ms']:.1f} ms" for t in top[:6]))
         if n_params:
             seqs = count_text_sequences(trainer, step_fn)
             saved = saved_activation_bytes(step_fn)
