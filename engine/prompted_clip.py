@@ -421,8 +421,9 @@ class PromptedCLIP(nn.Module):
         return x
 
     # -- vision
-    def encode_image(self, images, hooks=None, return_state=False):
-        """Image features (B, embed_dim), not normalized."""
+    def encode_image(self, images, hooks=None, return_state=False, upto=None):
+        """Image features (B, embed_dim), not normalized. ``upto``: run blocks 1..upto only and return the
+        sequence leaving block ``upto`` (no read-out; for passes that only read states entering blocks)."""
         visual = self.clip.visual
         images = images.type(self.dtype)
         if not self.is_vit:
@@ -438,6 +439,10 @@ class PromptedCLIP(nn.Module):
         if hooks is not None:
             x = hooks.embed(x, state)
         x = visual.ln_pre(x)
+        if upto is not None:
+            if not 0 <= upto <= self.n_vision_layers:
+                raise ValueError(f"upto must be a block index in 0..{self.n_vision_layers}, got {upto}")
+            return self._run_blocks(visual.transformer.resblocks, x, False, hooks, state, 1, upto)
         cls_last = self.cls_only_last_block and not return_state
         x = self._run_blocks(visual.transformer.resblocks, x, False, hooks, state, 1, self.n_vision_layers, cls_last)
         state.last_hidden = x  # the final sequence, for read-outs besides cls (MMRL's representation tokens)

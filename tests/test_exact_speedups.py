@@ -51,3 +51,30 @@ def test_a_training_step_is_unchanged_by_the_cls_only_last_vision_block(trainer)
     for name, g in g_plain.items():
         assert torch.allclose(g_fast[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
     assert f_fast < f_plain
+
+
+def test_lamp_frozen_query_pass_stops_at_the_last_lamp_layer():
+    from engine.prompted_clip import TowerHooks
+    with tempfile.TemporaryDirectory() as tmp:
+        args = argparse.Namespace(trainer="LAMP", backbone="tiny", batch=2,
+                                  opts=["TRAINER.LAMP.QUERY_SOURCE", "frozen_cls", "TRAINER.LAMP.LAYERS", "[3, 5, 9]"])
+        t = bench.build_trainer(args, bench.default_config_file("LAMP"), 4, tmp)
+    images = torch.randn(2, 3, 32, 32)
+    full = {}
+
+    class Recorder(TowerHooks):
+        def before_block(self, l, x, state):
+            full[l] = x[:, 0].clone()
+            return x
+
+    with torch.no_grad():
+        t.clip.encode_image(images, Recorder())            # the whole prompt-free pass, as before
+        flops = [bench.count_flops(lambda: t.clip.encode_image(images)), bench.count_flops(
+            lambda: t.frozen_cls_states(images))]
+    states = t.frozen_cls_states(images)
+    assert sorted(states) == list(range(1, 10))
+    for l in (3, 5, 9):
+        assert torch.equal(states[l], full[l])
+    assert flops[1] < flops[0] * 9 / 12   # blocks 1-8 and the attention / linear layers of none after
+    with pytest.raises(ValueError, match="upto"):
+        t.clip.encode_image(images, upto=13)

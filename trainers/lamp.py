@@ -318,6 +318,8 @@ class LAMP(TrainerX):
 
     @torch.no_grad()
     def frozen_cls_states(self, images):
+        """The cls state entering each block of a prompt-free pass, up to the last LAMP layer (nothing later
+        is read, so the pass stops there)."""
         states = {}
 
         class Recorder(TowerHooks):
@@ -325,7 +327,8 @@ class LAMP(TrainerX):
                 states[l] = x[:, 0].clone()
                 return x
 
-        self.clip.encode_image(images, Recorder())
+        last = self.lamp.layer_ids[-1]
+        states[last] = self.clip.encode_image(images, Recorder(), upto=last - 1)[:, 0].clone()
         return states
 
     def encode_texts(self, tokens, batch):
