@@ -63,6 +63,7 @@ def test_bench_prints_the_utilisation_line(tmp_path, capsys, trainer, opts):
     assert fig["flops_per_step"] > 0 and float(gflop) == pytest.approx(fig["flops_per_step"] / 1e9, abs=0.06)
     assert fig["achieved_flops_per_s"] == pytest.approx(fig["flops_per_step"] / (fig["ms_per_step"] / 1000))
     assert fig["peak_share"] == pytest.approx(fig["achieved_flops_per_s"] / fig["gemm_peak_flops_per_s"])
+    assert fig["peak_share_cpu_time"] > 0
 
 
 def test_the_counted_step_is_the_benchmarked_step(tmp_path):

@@ -163,20 +163,22 @@ def count_flops(step_fn):
 
 
 def gemm_peak_flops(device, dtype, size=2048, repeats=3):
-    """FLOP/s of the fastest of ``repeats`` (size x size) @ (size x size) matmuls at ``dtype`` (one warm-up)."""
+    """(FLOP/s, FLOP per process-CPU-second) of the fastest of ``repeats`` (size x size) @ (size x size)
+    matmuls at ``dtype`` (one warm-up)."""
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for i in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        tic = time.perf_counter()
+        tic, cpu_tic = time.perf_counter(), time.process_time()
         torch.mm(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:
             best = min(best, time.perf_counter() - tic)
-    return 2 * size ** 3 / best
+            best_cpu = min(best_cpu, time.process_time() - cpu_tic)
+    return 2 * size ** 3 / best, 2 * size ** 3 / max(best_cpu, 1e-9)
 
 
 def utilisation(flops, ms_per_step, peak, dtype_name):
@@ -369,10 +371,16 @@ def main(argv=None):
                 atomic_write_json(figures, args.out)
             return 0
         dtype_name = "fp16" if trainer.precision == "amp" else trainer.precision
-        gemm_peak = gemm_peak_flops(trainer.device, PRECISION_DTYPES[trainer.precision], args.peak_size)
-        util, line = utilisation(count_flops(step_fn), statistics.median(times), gemm_peak, dtype_name)
+        gemm_peak, gemm_per_cpu_s = gemm_peak_flops(trainer.device, PRECISION_DTYPES[trainer.precision], args.peak_size)
+        flops = count_flops(step_fn)
+        util, line = utilisation(flops, statistics.median(times), gemm_peak, dtype_name)
         figures.update(util)
         print(line)
+        if trainer.device.type == "cpu":  # CPU seconds the process got: what other processes take is left out
+            share = (flops / (statistics.median(cpu_times) / 1000)) / gemm_per_cpu_s
+            figures["peak_share_cpu_time"] = share
+            print(f"utilisation by process CPU time: {100 * share:.0f}% of the {dtype_name} GEMM's FLOP per CPU-second "
+                  f"(steadier than wall time on a shared machine)")
         if args.profile:
             by_class, top = profile_step(step_fn, trainer.device)
             total = sum(by_class.values()) or 1.0
