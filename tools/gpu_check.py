@@ -110,12 +110,15 @@ def run_bench(log, argv, opts=()):
 
 # ---- 1. precision ------------------------------------------------------------------------------------
 
-def one_step(trainer, path, opts, sizes, tmp):
+def one_step(trainer, path, opts, sizes, tmp, loss_scale=None):
     """(resolved precision, loss, flat fp32 gradient of the trainable parameters) of one step from the
-    trainer's initial state (its seed) on a fixed random batch."""
+    trainer's initial state (its seed) on a fixed random batch; ``loss_scale``: the GradScaler's initial
+    scale under amp."""
     batch, classes = sizes.util
     args = argparse.Namespace(trainer=trainer, backbone=sizes.backbone, batch=batch, opts=[*sizes.device_opts, *opts])
     t = bench.build_trainer(args, str(path), classes, tmp)
+    if t.scaler is not None and loss_scale is not None:
+        t.scaler = torch.amp.GradScaler("cuda", init_scale=loss_scale)
     data = bench.random_batch(t, batch, classes)
     t.set_model_mode("train")
     if hasattr(t, "prepare_benchmark"):
@@ -137,14 +140,19 @@ def precision_checks(sizes, log):
                 continue
             _, loss32, grad32 = one_step(trainer, path, [key, "fp32"], sizes, tmp)
             for prec in ("bf16", "amp"):
-                resolved, loss, grad = one_step(trainer, path, [key, prec], sizes, tmp)
+                scale = 2.0 ** 16   # GradScaler's default; halved while the step overflows (and is skipped)
+                resolved, loss, grad = one_step(trainer, path, [key, prec], sizes, tmp, scale)
                 if resolved == "fp32":
                     continue  # amp is a CUDA mode: on CPU it is fp32, nothing to compare
+                while resolved == "amp" and not bool(torch.isfinite(grad).all()) and scale > 1:
+                    scale /= 2
+                    resolved, loss, grad = one_step(trainer, path, [key, prec], sizes, tmp, scale)
                 loss_rel = abs(loss - loss32) / max(abs(loss32), 1e-12)
                 grad_rel = float((grad - grad32).norm() / grad32.norm().clamp_min(1e-12))
                 tol = TOLERANCE[resolved]
                 rows.append({"trainer": trainer, "config": path.name, "precision": resolved, "loss_fp32": loss32,
                              "loss": loss, "loss_rel_diff": loss_rel, "grad_rel_diff": grad_rel, "tolerance": tol,
+                             "loss_scale": scale if resolved == "amp" else None,
                              "ok": loss_rel <= tol["loss"] and grad_rel <= tol["grad"]})
     return rows
 
