@@ -33,14 +33,20 @@ def test_flop_count_of_a_matmul_and_cpu_flash_attention_is_the_analytic_count():
 
 
 def test_flop_count_of_the_tiny_image_encoder():
-    clip = PromptedCLIP(load_clip("tiny"))
+    model = load_clip("tiny")
     b, width, tokens, patch, layers = 3, 64, 1 + (32 // 8) ** 2, 8, 12
     images = torch.randn(b, 3, 32, 32)
     conv = 2 * b * (tokens - 1) * width * 3 * patch * patch
     block = 2 * b * tokens * (width * 3 * width + width * width + 2 * width * 4 * width) + 2 * 2 * b * tokens ** 2 * width
-    proj = 2 * b * width * clip.embed_dim
+    # the last block at the cls position only: keys and values everywhere, the rest for one token
+    cls_block = 2 * b * tokens * width * 2 * width + 2 * b * (width * width + width * width + 2 * width * 4 * width) \
+        + 2 * 2 * b * tokens * width
+    proj = 2 * b * width * model.visual.proj.shape[1]
     with torch.no_grad():
-        assert bench.count_flops(lambda: clip.encode_image(images)) == conv + layers * block + proj
+        plain = bench.count_flops(lambda: PromptedCLIP(model, cls_only_last_block=False).encode_image(images))
+        fast = bench.count_flops(lambda: PromptedCLIP(model, cls_only_last_block=True).encode_image(images))
+    assert plain == conv + layers * block + proj
+    assert fast == conv + (layers - 1) * block + cls_block + proj
 
 
 def test_utilisation_figures():
