@@ -56,3 +56,17 @@ def test_cpu_smoke_runs_every_section_within_five_minutes(tmp_path):
     configs = sorted(REPO.glob("configs/trainers/*/*.yaml"))
     assert len(times["entries"]) == len(configs) == len(report["step_times"])
     assert {(e["trainer"], e["config"]) for e in times["entries"]} == {(p.parent.name, p.stem) for p in configs}
+
+
+def test_the_clip_built_once_is_the_clip_each_build_would_give():
+    import engine.trainer as trainer_module
+    from engine.clip_loader import load_clip
+    from tools.gpu_check import clip_built_once
+    with clip_built_once():
+        first, second = trainer_module.load_clip("tiny"), trainer_module.load_clip("tiny")
+    assert trainer_module.load_clip is load_clip   # restored
+    fresh = load_clip("tiny").state_dict()
+    assert first is not second
+    for name, value in fresh.items():
+        assert torch.equal(first.state_dict()[name], value) and torch.equal(second.state_dict()[name], value)
+    assert first.visual.conv1.weight.data_ptr() != second.visual.conv1.weight.data_ptr()
