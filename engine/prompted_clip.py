@@ -421,30 +421,38 @@ class PromptedCLIP(nn.Module):
         return x
 
     # -- vision
-    def encode_image(self, images, hooks=None, return_state=False, upto=None):
+    def encode_image(self, images, hooks=None, return_state=False, upto=None, start=None):
         """Image features (B, embed_dim), not normalized. ``upto``: run blocks 1..upto only and return the
-        sequence leaving block ``upto`` (no read-out; for passes that only read states entering blocks)."""
+        sequence leaving block ``upto`` (no read-out; for passes that only read states entering blocks).
+        ``start``: (x, l), continue from ``x``, the sequence entering block l that an earlier ``upto=l - 1``
+        pass of the same images returned (``images`` is then unused; the hooks must not act before block l)."""
         visual = self.clip.visual
-        images = images.type(self.dtype)
-        if not self.is_vit:
-            if hooks is not None:
-                raise ValueError("vision hooks need a ViT backbone; ResNet CLIP supports text-only methods")
-            out = visual(images)
-            return (out, TowerState("vision")) if return_state else out
         state = TowerState("vision")
-        x = visual.conv1(images)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        if hooks is not None:
-            x = hooks.embed(x, state)
-        x = visual.ln_pre(x)
+        if start is not None:
+            x, first = start
+            if hooks is not None and hooks.start_layer < first:
+                raise ValueError(f"these hooks act from block {hooks.start_layer}: they cannot start at block {first}")
+        else:
+            images = images.type(self.dtype)
+            if not self.is_vit:
+                if hooks is not None:
+                    raise ValueError("vision hooks need a ViT backbone; ResNet CLIP supports text-only methods")
+                out = visual(images)
+                return (out, state) if return_state else out
+            x = visual.conv1(images)
+            x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+            cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+            if hooks is not None:
+                x = hooks.embed(x, state)
+            x, first = visual.ln_pre(x), 1
+        blocks = visual.transformer.resblocks
         if upto is not None:
-            if not 0 <= upto <= self.n_vision_layers:
-                raise ValueError(f"upto must be a block index in 0..{self.n_vision_layers}, got {upto}")
-            return self._run_blocks(visual.transformer.resblocks, x, False, hooks, state, 1, upto)
+            if not first - 1 <= upto <= self.n_vision_layers:
+                raise ValueError(f"upto must be a block index in {first - 1}..{self.n_vision_layers}, got {upto}")
+            return self._run_blocks(blocks, x, False, hooks, state, first, upto)
         cls_last = self.cls_only_last_block and not return_state
-        x = self._run_blocks(visual.transformer.resblocks, x, False, hooks, state, 1, self.n_vision_layers, cls_last)
+        x = self._run_blocks(blocks, x, False, hooks, state, first, self.n_vision_layers, cls_last)
         state.last_hidden = x  # the final sequence, for read-outs besides cls (MMRL's representation tokens)
         out = visual.ln_post(x[:, 0, :])
         if visual.proj is not None:

@@ -53,7 +53,9 @@ def test_a_training_step_is_unchanged_by_the_cls_only_last_vision_block(trainer)
     assert f_fast < f_plain
 
 
-def test_lamp_frozen_query_pass_stops_at_the_last_lamp_layer():
+def test_lamp_frozen_query_pass_shares_the_prompt_free_blocks_and_stops_at_the_last_lamp_layer():
+    """QUERY_SOURCE frozen_cls: blocks 1-2 run once for both passes, the query pass stops at the last LAMP
+    layer; queries, selections and image features are bit-identical to two whole passes."""
     from engine.prompted_clip import TowerHooks
     with tempfile.TemporaryDirectory() as tmp:
         args = argparse.Namespace(trainer="LAMP", backbone="tiny", batch=2,
@@ -67,14 +69,28 @@ def test_lamp_frozen_query_pass_stops_at_the_last_lamp_layer():
             full[l] = x[:, 0].clone()
             return x
 
+    def two_whole_passes():
+        o = t.lamp
+        o.indices, o.text_indices, o.sim_losses = {}, {}, []
+        t.clip.encode_image(images, Recorder())
+        o.frozen_queries = full
+        return t.clip.encode_image(images, o.vision_hooks)
+
     with torch.no_grad():
-        t.clip.encode_image(images, Recorder())            # the whole prompt-free pass, as before
-        flops = [bench.count_flops(lambda: t.clip.encode_image(images)), bench.count_flops(
-            lambda: t.frozen_cls_states(images))]
-    states = t.frozen_cls_states(images)
-    assert sorted(states) == list(range(1, 10))
+        want = two_whole_passes()
+        want_indices = dict(t.lamp.indices)
+        got = t.encode_images(images)
+        flops = [bench.count_flops(two_whole_passes), bench.count_flops(lambda: t.encode_images(images))]
+    assert torch.equal(got, want)
+    assert set(t.lamp.indices) == {3, 5, 9} and all(torch.equal(t.lamp.indices[l], want_indices[l]) for l in want_indices)
+    assert sorted(t.lamp.frozen_queries) == list(range(3, 10))
     for l in (3, 5, 9):
-        assert torch.equal(states[l], full[l])
-    assert flops[1] < flops[0] * 9 / 12   # blocks 1-8 and the attention / linear layers of none after
+        assert torch.equal(t.lamp.frozen_queries[l], full[l])
+        block = bench.count_flops(lambda: t.clip.encode_image(images, upto=1)) - bench.count_flops(
+            lambda: t.clip.encode_image(images, upto=0))   # one prompt-free block
+    # saved: the embedding and blocks 1-2 of one pass, blocks 9-11 and the cls-only block 12 of the query pass
+    assert flops[1] < flops[0] - 5 * block
     with pytest.raises(ValueError, match="upto"):
         t.clip.encode_image(images, upto=13)
+    with pytest.raises(ValueError, match="cannot start at block 4"):
+        t.clip.encode_image(None, TowerHooks(), start=(torch.zeros(2, 17, 64), 4))
