@@ -254,10 +254,13 @@ class PromptedCLIP(nn.Module):
     ``shared_text_prefix``: run text batches as ``SharedPrefixText`` (prefix once per group, only the class
     positions per sequence) and compute the last text block at the EOT positions only; off = every
     position of every sequence (the plain path, kept for comparison). Both are exact (tested).
-    ``cache_bytes``: memory budget of the prompt-free text layer cache (least recently used entries go)."""
+    ``cache_bytes``: memory budget of the prompt-free text layer cache (least recently used entries go).
+    ``cls_only_last_block``: when only the image feature is read (``encode_image`` without ``return_state``),
+    the last vision block is computed at the cls position only (its keys and values still at every
+    position); exact, the outputs at the other positions are never read."""
 
     def __init__(self, clip_model, truncate_text=True, cache_text_prefix=True, shared_text_prefix=True,
-                 cache_bytes=1 << 30):
+                 cache_bytes=1 << 30, cls_only_last_block=True):
         super().__init__()
         self.clip = clip_model
         for p in self.clip.parameters():
@@ -265,6 +268,7 @@ class PromptedCLIP(nn.Module):
         self.truncate_text = truncate_text
         self.cache_text_prefix = cache_text_prefix
         self.shared_text_prefix = shared_text_prefix
+        self.cls_only_last_block = cls_only_last_block
         self.cache_bytes = cache_bytes
         self._text_cache = OrderedDict()
         visual = clip_model.visual
@@ -351,6 +355,16 @@ class PromptedCLIP(nn.Module):
         attn = F.linear(self._merge_heads(out), mha.out_proj.weight, mha.out_proj.bias)
         return self._finish_block(block, x_q, attn, h_q, hooks, layer)
 
+    def _run_block_cls(self, block, x, hooks, layer):
+        """A vision block evaluated at position 0 only (the cls read-out): (B, L, D) -> (B, 1, D)."""
+        mha = block.attn
+        h = block.ln_1(x)
+        h_q = h[:, :1]
+        q, k, v = (self._heads(t, mha.num_heads) for t in self._split_qkv(mha, h_q, h))
+        attn = F.linear(self._merge_heads(F.scaled_dot_product_attention(q, k, v)), mha.out_proj.weight,
+                        mha.out_proj.bias)
+        return self._finish_block(block, x[:, :1], attn, h_q, hooks, layer)
+
     def _run_block_shared(self, block, x, hooks, layer, pos=None):
         """A causal text block on a ``SharedPrefixText``. The prefix runs as an ordinary block (it attends to
         itself only); class positions attend to their group's prefix keys (scores computed once per group)
@@ -395,33 +409,50 @@ class PromptedCLIP(nn.Module):
         y_p = self._finish_block(block, prefix, attn_p, h_p, hooks, layer)
         return SharedPrefixText(y_p, y_s, x.n_classes, x.groups)
 
-    def _run_blocks(self, blocks, x, causal, hooks, state, first, last):
-        """Run blocks ``first..last`` (1-indexed, inclusive)."""
+    def _run_blocks(self, blocks, x, causal, hooks, state, first, last, cls_last=False):
+        """Run blocks ``first..last`` (1-indexed, inclusive); ``cls_last``: the last one at position 0 only."""
         for layer in range(first, last + 1):
             if hooks is not None:
                 x = hooks.before_block(layer, x, state)
-            x = self._run_block(blocks[layer - 1], x, causal, hooks, layer)
+            if cls_last and layer == last:
+                x = self._run_block_cls(blocks[layer - 1], x, hooks, layer)
+            else:
+                x = self._run_block(blocks[layer - 1], x, causal, hooks, layer)
         return x
 
     # -- vision
-    def encode_image(self, images, hooks=None, return_state=False):
-        """Image features (B, embed_dim), not normalized."""
+    def encode_image(self, images, hooks=None, return_state=False, upto=None, start=None):
+        """Image features (B, embed_dim), not normalized. ``upto``: run blocks 1..upto only and return the
+        sequence leaving block ``upto`` (no read-out; for passes that only read states entering blocks).
+        ``start``: (x, l), continue from ``x``, the sequence entering block l that an earlier ``upto=l - 1``
+        pass of the same images returned (``images`` is then unused; the hooks must not act before block l)."""
         visual = self.clip.visual
-        images = images.type(self.dtype)
-        if not self.is_vit:
-            if hooks is not None:
-                raise ValueError("vision hooks need a ViT backbone; ResNet CLIP supports text-only methods")
-            out = visual(images)
-            return (out, TowerState("vision")) if return_state else out
         state = TowerState("vision")
-        x = visual.conv1(images)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        if hooks is not None:
-            x = hooks.embed(x, state)
-        x = visual.ln_pre(x)
-        x = self._run_blocks(visual.transformer.resblocks, x, False, hooks, state, 1, self.n_vision_layers)
+        if start is not None:
+            x, first = start
+            if hooks is not None and hooks.start_layer < first:
+                raise ValueError(f"these hooks act from block {hooks.start_layer}: they cannot start at block {first}")
+        else:
+            images = images.type(self.dtype)
+            if not self.is_vit:
+                if hooks is not None:
+                    raise ValueError("vision hooks need a ViT backbone; ResNet CLIP supports text-only methods")
+                out = visual(images)
+                return (out, state) if return_state else out
+            x = visual.conv1(images)
+            x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+            cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+            if hooks is not None:
+                x = hooks.embed(x, state)
+            x, first = visual.ln_pre(x), 1
+        blocks = visual.transformer.resblocks
+        if upto is not None:
+            if not first - 1 <= upto <= self.n_vision_layers:
+                raise ValueError(f"upto must be a block index in {first - 1}..{self.n_vision_layers}, got {upto}")
+            return self._run_blocks(blocks, x, False, hooks, state, first, upto)
+        cls_last = self.cls_only_last_block and not return_state
+        x = self._run_blocks(blocks, x, False, hooks, state, first, self.n_vision_layers, cls_last)
         state.last_hidden = x  # the final sequence, for read-outs besides cls (MMRL's representation tokens)
         out = visual.ln_post(x[:, 0, :])
         if visual.proj is not None:

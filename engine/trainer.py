@@ -125,7 +125,8 @@ class TrainerX:
         model = load_clip(name, self.cfg.MODEL.BACKBONE.PATH)
         enc = PromptedCLIP(model, truncate_text=self.cfg.MODEL.TRUNCATE_TEXT,
                            cache_text_prefix=self.cfg.MODEL.TEXT_PREFIX_CACHE,
-                           shared_text_prefix=self.cfg.MODEL.SHARED_TEXT_PREFIX)
+                           shared_text_prefix=self.cfg.MODEL.SHARED_TEXT_PREFIX,
+                           cls_only_last_block=self.cfg.MODEL.CLS_ONLY_LAST_VISION_BLOCK)
         return enc.to(self.device)
 
     def check_input_size(self):

@@ -285,3 +285,35 @@ def test_run_seed_and_test_seed_pairs_never_share_samples(root, tmp_path):
 
     assert not torch.allclose(infer(1, 1), infer(2, 0))
     assert torch.equal(infer(2, 0), infer(2, 0))
+
+
+def test_micro_batched_step_equals_the_whole_batch(root, tmp_path):
+    """5 images, 2 per part (2 + 2 + 1): loss, KL, gradients and updated parameters equal the unsplit step's."""
+    images, labels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 3, 5, 9, 3])
+    runs = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        t = build(root, tmp_path / str(split))
+        if split:
+            t = build(root, tmp_path / str(split), "TRAINER.VAMP.MAX_TEXT_SEQS_WITH_GRAD", str(2 * len(t.classnames)))
+        perturb(t)
+        t.prepare_benchmark({"img": images, "label": labels})
+        t.set_model_mode("train")
+        assert t.images_per_micro_batch(5) == (2 if split else 5)
+        calls, original = [], t.clip.encode_text
+        t.clip.encode_text = lambda tokens, hooks=None, **kw: (calls.append(torch.is_grad_enabled()),
+                                                                  original(tokens, hooks, **kw))[1]
+        torch.manual_seed(7)
+        out = t.forward_backward({"img": images, "label": labels})
+        assert sum(calls) == (3 if split else 1)  # text passes with gradient
+        runs.append((out, {n: p.grad.clone() for n, p in t.nets.named_parameters() if p.grad is not None},
+                     {n: p.detach().clone() for n, p in t.nets.named_parameters()}))
+    (whole, g_whole, p_whole), (micro, g_micro, p_micro) = runs
+    assert whole["kl"] > 0
+    for key in ("loss", "kl", "ce_cls", "ce_rep", "reg_img", "reg_txt", "acc"):
+        assert micro[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+    assert g_whole and set(g_whole) == set(g_micro)
+    for name, g in g_whole.items():
+        assert torch.allclose(g, g_micro[name], rtol=1e-4, atol=1e-5 * float(g.abs().max())), name  # summation order
+    for name, p in p_whole.items():
+        assert torch.allclose(p, p_micro[name], rtol=1e-5, atol=1e-7), name

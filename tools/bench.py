@@ -16,6 +16,10 @@ at the encoder. With ``--estimate-for BxC`` a second, smaller class set is measu
 bytes per text sequence from the per-image part, and the peak for B images and C classes is estimated as
 model + trainable state (grad, two optimizer moments) + B x per-image bytes + per-sequence bytes x the
 sequences one backward pass holds (LAMP: its micro-batch under MAX_TEXT_SEQS_WITH_GRAD).
+FLOPs: one step (forward and backward; the optimizer update is elementwise and not counted) is counted with
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and attention; CPU flash attention counted
+with torch's own SDPA formulas); a square matmul at the step's dtype (fp32, bf16, or fp16 for CUDA amp), timed
+in the same process, gives the GEMM peak that the achieved GFLOP/s (FLOPs / median step time) is a share of.
 A benchmark, not a test: numbers depend on the machine.
 """
 import argparse
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils import flop_counter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -132,6 +137,110 @@ def count_text_sequences(trainer, step_fn):
     return sum(counts)
 
 
+# CPU flash attention is missing from torch's FLOP registry; its cost is that of the other SDPA kernels.
+def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp": torch.float16}
+
+
+def count_flops(step_fn):
+    """FLOPs of one call of ``step_fn`` (forward and backward, as far as it runs them)."""
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+    with counter:
+        step_fn()
+    return counter.get_total_flops()
+
+
+def gemm_peak_flops(device, dtype, size=2048, repeats=3):
+    """(FLOP/s, FLOP per process-CPU-second) of the fastest of ``repeats`` (size x size) @ (size x size)
+    matmuls at ``dtype`` (one warm-up)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    best, best_cpu = float("inf"), float("inf")
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tic, cpu_tic = time.perf_counter(), time.process_time()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            best = min(best, time.perf_counter() - tic)
+            best_cpu = min(best_cpu, time.process_time() - cpu_tic)
+    return 2 * size ** 3 / best, 2 * size ** 3 / max(best_cpu, 1e-9)
+
+
+def utilisation(flops, ms_per_step, peak, dtype_name):
+    """The figures and the one-line summary of a step's FLOPs against the measured GEMM peak."""
+    achieved = flops / (ms_per_step / 1000)
+    line = (f"utilisation: {flops / 1e9:.1f} GFLOP/step, {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% "
+            f"of the measured {dtype_name} GEMM peak ({peak / 1e9:.1f} GFLOP/s)")
+    return {"flops_per_step": flops, "achieved_flops_per_s": achieved, "gemm_peak_flops_per_s": peak,
+            "gemm_peak_dtype": dtype_name, "peak_share": achieved / peak}, line
+
+
+# torch.profiler's aten ops by class (self time, so a composite op is not counted twice with its kernels).
+OP_CLASSES = (
+    ("GEMM", ("mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "convolution", "_convolution",
+              "mkldnn_convolution", "convolution_backward", "conv2d", "einsum", "_mkldnn_matmul")),
+    ("attention", ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                   "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention",
+                   "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention",
+                   "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention",
+                   "_scaled_dot_product_cudnn_attention_backward", "_flash_attention_forward",
+                   "_flash_attention_backward", "_efficient_attention_forward", "_efficient_attention_backward")),
+    ("copies", ("copy_", "_to_copy", "to", "clone", "contiguous", "cat", "stack", "index", "index_select",
+                "index_put_", "_index_put_impl_", "index_add_", "repeat", "repeat_interleave", "gather", "scatter",
+                "scatter_add_", "fill_", "zero_", "zeros", "zeros_like", "empty", "empty_like", "new_zeros",
+                "ones_like", "new_empty_strided", "empty_strided", "slice_backward", "select_backward")),
+)
+VIEWS = ("view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "permute", "expand", "slice", "select",
+         "unsqueeze", "squeeze", "t", "as_strided", "split", "split_with_sizes", "chunk", "narrow", "unbind",
+         "detach", "alias", "flatten", "unflatten", "lift_fresh", "numpy_T", "expand_as", "view_as", "result_type")
+ELEMENTWISE = "softmax / LayerNorm / elementwise"
+PROFILE_ORDER = ("GEMM", "attention", ELEMENTWISE, "copies", "other")
+
+
+def op_class(name):
+    """The class of a profiler event: an aten op by name (any other aten op counts as elementwise: softmax,
+    LayerNorm, activations, reductions, and their backward); views (no data moved: dispatch cost), autograd and
+    Python frames are 'other'."""
+    op = name[len("aten::"):]
+    if not name.startswith("aten::") or op in VIEWS:
+        return "other"
+    for cls, ops in OP_CLASSES:
+        if op in ops:
+            return cls
+    return ELEMENTWISE
+
+
+def profile_step(step_fn, device):
+    """Self time (ms) of one ``step_fn`` by op class, and the ten costliest ops."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step_fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    by_class, ops = dict.fromkeys(PROFILE_ORDER, 0.0), []
+    for event in prof.key_averages():
+        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        by_class[op_class(event.key)] += us / 1000
+        ops.append((us / 1000, event.key))
+    top = [{"op": name, "ms": ms} for ms, name in sorted(ops, reverse=True)[:10] if ms > 0]
+    return by_class, top
+
+
 def build_trainer(args, config_file, num_classes, out):
     size_opts = []
     if args.backbone in RANDOM_ARCHS:  # random archs have their own input resolution (tiny: 32 px)
@@ -161,8 +270,9 @@ def parse_size(text):
     return b, c
 
 
-def estimate_peak(trainer, per_seq, per_image, batch, classes):
-    """Bytes: the model, the trainable state, and one backward pass's activations for (batch, classes)."""
+def estimate_peak(trainer, per_seq, per_image, batch, classes, text_per_image=True):
+    """Bytes: the model, the trainable state, and one backward pass's activations for (batch, classes);
+    ``text_per_image``: every image has its own class sequences (else one text pass over the classes)."""
     model = sum(p.numel() * p.element_size() for p in trainer.clip.parameters())
     trainable = sum(p.numel() * p.element_size() for m in trainer._models.values() for p in m.parameters()
                     if p.requires_grad)
@@ -170,7 +280,7 @@ def estimate_peak(trainer, per_seq, per_image, batch, classes):
     hook = TRAINER_REGISTRY.info(trainer.cfg.TRAINER.NAME).bench_images_per_backward
     if hook is not None:
         images = hook(trainer, batch, classes)
-    seqs = images * classes if per_seq else 0
+    seqs = (images * classes if text_per_image else classes) if per_seq else 0
     return model + 4 * trainable + images * per_image + seqs * per_seq, images, seqs
 
 
@@ -186,15 +296,25 @@ def main(argv=None):
     p.add_argument("--params-only", action="store_true", help="print only the trainable parameter count")
     p.add_argument("--estimate-for", type=parse_size, default=None, metavar="BxC",
                    help="also estimate the peak memory of a training step with B images and C classes")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one step (torch.profiler) by op class: GEMM, attention, softmax / LayerNorm / "
+                        "elementwise, copies")
+    p.add_argument("--timing-only", action="store_true",
+                   help="time the step and read the peak memory only: no FLOP count, sequence count or activation "
+                        "bytes (each of those runs the step again)")
+    p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the GEMM peak micro-benchmark")
     p.add_argument("--out", default="", help="also write the figures as JSON to this file")
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
 
     import trainers  # noqa: F401
     TRAINER_REGISTRY.get(args.trainer)  # an unknown trainer: one line naming the registered ones
-    if args.batch < 1 or args.classes < 1 or args.steps < 1 or args.warmup < 0:
-        raise ValueError(f"--batch, --classes and --steps must be >= 1 and --warmup >= 0, got {args.batch}, "
-                         f"{args.classes}, {args.steps}, {args.warmup}")
+    if args.timing_only and (args.profile or args.estimate_for):
+        raise ValueError("--timing-only measures the step time and peak memory only: it takes neither --profile "
+                         "nor --estimate-for")
+    if args.batch < 1 or args.classes < 1 or args.steps < 1 or args.warmup < 0 or args.peak_size < 1:
+        raise ValueError(f"--batch, --classes, --steps and --peak-size must be >= 1 and --warmup >= 0, got "
+                         f"{args.batch}, {args.classes}, {args.steps}, {args.peak_size}, {args.warmup}")
     config_file = args.config_file or default_config_file(args.trainer)
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(args, config_file, args.classes, out)
@@ -247,6 +367,28 @@ def main(argv=None):
         kind = "CUDA allocated" if trainer.device.type == "cuda" else "process RSS"
         print(f"peak memory        {peak:.0f} MiB ({kind}); resident before the first step {resident:.0f} MiB; "
               f"activation (peak - resident) {peak - resident:.0f} MiB")
+        if args.timing_only:
+            if args.out:
+                atomic_write_json(figures, args.out)
+            return 0
+        dtype_name = "fp16" if trainer.precision == "amp" else trainer.precision
+        gemm_peak, gemm_per_cpu_s = gemm_peak_flops(trainer.device, PRECISION_DTYPES[trainer.precision], args.peak_size)
+        flops = count_flops(step_fn)
+        util, line = utilisation(flops, statistics.median(times), gemm_peak, dtype_name)
+        figures.update(util)
+        print(line)
+        if trainer.device.type == "cpu":  # CPU seconds the process got: what other processes take is left out
+            share = (flops / (statistics.median(cpu_times) / 1000)) / gemm_per_cpu_s
+            figures["peak_share_cpu_time"] = share
+            print(f"utilisation by process CPU time: {100 * share:.0f}% of the {dtype_name} GEMM's FLOP per CPU-second "
+                  f"(steadier than wall time on a shared machine)")
+        if args.profile:
+            by_class, top = profile_step(step_fn, trainer.device)
+            total = sum(by_class.values()) or 1.0
+            figures.update(profile_ms_by_class=by_class, profile_top_ops=top)
+            print("profile (self time of one step by op class): " + "; ".join(
+                f"{cls} {ms:.1f} ms ({100 * ms / total:.0f}%)" for cls, ms in by_class.items()))
+            print("costliest ops: " + "; ".join(f"{t['op']} {t['ms']:.1f} ms" for t in top[:6]))
         if n_params:
             seqs = count_text_sequences(trainer, step_fn)
             saved = saved_activation_bytes(step_fn)
@@ -258,18 +400,23 @@ def main(argv=None):
                 other = build_trainer(args, config_file, small, out)
                 other.set_model_mode("train")
                 other_batch = random_batch(other, args.batch, small)
+                if hasattr(other, "prepare_benchmark"):
+                    other.prepare_benchmark(other_batch)
                 other_step = lambda: other.forward_backward(other_batch)  # noqa: E731
                 seqs_small, saved_small = count_text_sequences(other, other_step), saved_activation_bytes(other_step)
                 per_seq = (saved - saved_small) / (seqs - seqs_small) if seqs != seqs_small else 0.0
                 per_image = (saved - per_seq * seqs) / args.batch
                 b, c = args.estimate_for
-                total, images, held = estimate_peak(trainer, per_seq, per_image, b, c)
+                text_per_image = seqs != args.classes or args.batch == 1  # CoOp-like: C sequences per step
+                total, images, held = estimate_peak(trainer, per_seq, per_image, b, c, text_per_image)
                 figures.update(activation_bytes_per_seq=per_seq, activation_bytes_per_image=per_image,
-                               estimate_for=[b, c], estimated_peak_bytes=total, estimate_images_per_backward=images)
+                               estimate_for=[b, c], estimated_peak_bytes=total, estimate_images_per_backward=images,
+                               estimate_text_seqs_per_backward=held)
                 print(f"activation / seq   {per_seq / 2**20:.3f} MiB per text sequence; {per_image / 2**20:.1f} MiB "
                       f"per image (measured at {args.classes} and {small} classes)")
-                print(f"estimated peak for B={b}, C={c}: {total / 2**30:.1f} GiB ({images} images x {c} classes = "
-                      f"{held:,} text sequences per backward pass; {trainer.precision})")
+                held_text = f"{images} images x {c} classes = " if text_per_image else ""
+                print(f"estimated peak for B={b}, C={c}: {total / 2**30:.1f} GiB ({held_text}{held:,} text sequences "
+                      f"per backward pass; {trainer.precision})")
         if args.out:
             atomic_write_json(figures, args.out)
     return 0

@@ -313,7 +313,12 @@ class LAMP(TrainerX):
         o = self.lamp
         o.indices, o.text_indices, o.sim_losses, o.frozen_queries = {}, {}, [], None
         if o.cfg.USE_POOL and o.cfg.QUERY_SOURCE == "frozen_cls":
-            o.frozen_queries = self.frozen_cls_states(images)
+            # the blocks before the first LAMP layer are prompt-free in both passes: run them once
+            first = o.layer_ids[0]
+            with torch.no_grad():
+                shared = self.clip.encode_image(images, upto=first - 1)
+            o.frozen_queries = self.frozen_cls_states(shared, first)
+            return self.clip.encode_image(images, o.vision_hooks, start=(shared, first))
         return self.clip.encode_image(images, o.vision_hooks)
 
     def similarity_loss(self):
@@ -322,15 +327,20 @@ class LAMP(TrainerX):
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     @torch.no_grad()
-    def frozen_cls_states(self, images):
+    def frozen_cls_states(self, x, first):
+        """The cls state entering each block first..last LAMP layer of the prompt-free pass, from ``x``, the
+        sequence entering block ``first`` (nothing after the last LAMP layer is read, so the pass stops there)."""
         states = {}
 
         class Recorder(TowerHooks):
+            start_layer = first
+
             def before_block(self, l, x, state):
                 states[l] = x[:, 0].clone()
                 return x
 
-        self.clip.encode_image(images, Recorder())
+        last = self.lamp.layer_ids[-1]
+        states[last] = self.clip.encode_image(None, Recorder(), upto=last - 1, start=(x, first))[:, 0].clone()
         return states
 
     def encode_texts(self, tokens, batch):

@@ -56,11 +56,14 @@ def add_vamp_config(cfg):
     c.TEST_SEED = 0            # test-time sampling seed: the generator starts at SEED + TEST_SEED * TEST_SEED_STRIDE
     c.PROTOTYPE_BATCH = 64
     c.MAX_TEXT_BATCH = 20000   # max text sequences (images x samples x classes) per text-encoder call
+    c.MAX_TEXT_SEQS_WITH_GRAD = 8192  # training: images are split into micro-batches (gradients accumulated,
+    # one optimizer step per batch) so that at most this many text sequences keep activations for backward
     c.PREC = "amp"
     declare_keys(cfg, "TRAINER.VAMP", SAMPLE_SPECIFIC=Bool(), VARIATIONAL=Bool(), PRIOR=Choice(*PRIORS),
                  LAYERS=Blocks("both", empty_ok=True), HIDDEN=Int(1), INIT_STD=Float(0, open_low=True),
                  KL_WEIGHT=Float(0), N_SAMPLES=Int(1), TEST_MODE=Choice(*TEST_MODES), TEST_SEED=Int(0),
-                 PROTOTYPE_BATCH=Int(1), MAX_TEXT_BATCH=Int(1), PREC=Choice(*PRECISIONS),
+                 PROTOTYPE_BATCH=Int(1), MAX_TEXT_BATCH=Int(1), MAX_TEXT_SEQS_WITH_GRAD=Int(1),
+                 PREC=Choice(*PRECISIONS),
                  relations=[lambda c, cfg: None if set(c.LAYERS) <= set(cfg.TRAINER.MMRL.REP_LAYERS) else
                             f"LAYERS {list(c.LAYERS)} must be among TRAINER.MMRL.REP_LAYERS "
                             f"{list(cfg.TRAINER.MMRL.REP_LAYERS)}"])
@@ -122,7 +125,9 @@ class VaMPNets(nn.Module):
 METHOD = MethodInfo(
     configs={"b2n": "vit_b16_b2n", "fewshot": "vit_b16_b2n", "xd": "vit_b16_xd"},
     imagenet={"b2n": "vit_b16_b2n_imagenet", "fewshot": "vit_b16_b2n_imagenet"},
-    bench_prepare=lambda trainer, batch: trainer.prepare_benchmark(batch))
+    run_neutral=("TRAINER.VAMP.MAX_TEXT_SEQS_WITH_GRAD",),
+    bench_prepare=lambda trainer, batch: trainer.prepare_benchmark(batch),
+    bench_images_per_backward=lambda trainer, batch, classes: trainer.images_per_micro_batch(batch, classes))
 
 
 @TRAINER_REGISTRY.register("VaMP", info=METHOD)
@@ -190,8 +195,9 @@ class VaMP(MMRL):
         kl = sum(gaussian_kl(mu, logvar, *prior[l]) for l, (mu, logvar) in post.items())
         return kl.mean()
 
-    def sample(self, post, times=1, generator=None):
-        """{layer: z} with ``times`` draws per image, image-major ((B * times, d_r))."""
+    def sample(self, post, times=1, generator=None, noise=None):
+        """{layer: z} with ``times`` draws per image, image-major ((B * times, d_r)); ``noise``: {layer: eps}
+        drawn beforehand (``draw_noise``) instead of now."""
         out = {}
         for l, (mu, logvar) in post.items():
             mu_r = mu.repeat_interleave(times, dim=0)
@@ -199,28 +205,64 @@ class VaMP(MMRL):
                 out[l] = mu_r
                 continue
             std = (0.5 * logvar).exp().repeat_interleave(times, dim=0)
-            eps = torch.randn(mu_r.shape, generator=generator, device=mu_r.device, dtype=mu_r.dtype)
+            eps = noise[l] if noise is not None else torch.randn(
+                mu_r.shape, generator=generator, device=mu_r.device, dtype=mu_r.dtype)
             out[l] = mu_r + std * eps
         return out
+
+    @torch.no_grad()
+    def draw_noise(self, f_x):
+        """The training step's eps for the whole batch, drawn as ``sample`` draws them (layer by layer, at the
+        posterior's dtype), so that every micro-batch takes its images' rows of the same draw."""
+        post = self.nets.posterior_params(f_x)
+        return {l: torch.randn(mu.shape, device=mu.device, dtype=mu.dtype)
+                for l, (mu, logvar) in post.items() if logvar is not None}
+
+    def images_per_micro_batch(self, batch, num_classes=None):
+        """Images per backward pass so that at most MAX_TEXT_SEQS_WITH_GRAD text sequences keep activations."""
+        if self.nets is None:
+            return batch
+        num_classes = self.tokens.shape[0] if num_classes is None else num_classes
+        return max(1, min(batch, self.vc.MAX_TEXT_SEQS_WITH_GRAD // num_classes))
 
     def forward_backward(self, batch):
         if self.nets is None:
             return super().forward_backward(batch)
         images, labels = self.parse_batch_train(batch)
+        n = images.shape[0]
+        step = self.images_per_micro_batch(n)
         with self.autocast():
             f_x = self.image_zero_shot(images)
-            f_cls, f_rep = self.rep.image_features(self.clip, images)
-            post = self.nets.posterior_params(f_x)
-            w = self.text_features(self.sample(post))                      # (B, C, D)
-            z_cls, z_rep = scaled_cos(f_cls, w), scaled_cos(f_rep, w)
-            loss, parts = self.mmrl_loss(z_cls, z_rep, f_cls, w, f_x, labels)
-            kl = self.kl_term(post, f_x, labels)
-            if kl is not None:
-                loss = loss + self.vc.KL_WEIGHT * kl
-                parts["kl"] = kl.item()
-        self.model_backward_and_update(loss)
-        acc = (self.fuse(z_cls, z_rep).argmax(1) == labels).float().mean().item() * 100
-        return {"loss": loss.item(), **parts, "acc": acc}
+            noise = self.draw_noise(f_x)
+        self.model_zero_grad()
+        totals, correct = {}, 0
+        for start in range(0, n, step):
+            # every term of the loss is a mean over images (CE, both regularisers, KL), so the parts' losses
+            # weighted by their share of the batch sum to the whole batch's loss, and so do the gradients
+            part = slice(start, start + step)
+            share = images[part].shape[0] / n
+            with self.autocast():
+                loss, parts, fused = self.part_loss(images[part], labels[part], f_x[part],
+                                                    {l: eps[part] for l, eps in noise.items()})
+            self.model_backward(loss * share)
+            for key, value in (("loss", loss.item()), *parts.items()):
+                totals[key] = totals.get(key, 0.0) + value * share
+            correct += int((fused.argmax(1) == labels[part]).sum())
+        self.model_update()
+        return {**totals, "acc": correct / n * 100}
+
+    def part_loss(self, images, labels, f_x, noise):
+        """(loss, its parts, fused logits) of the images of one micro-batch."""
+        f_cls, f_rep = self.rep.image_features(self.clip, images)
+        post = self.nets.posterior_params(f_x)
+        w = self.text_features(self.sample(post, noise=noise))               # (B, C, D)
+        z_cls, z_rep = scaled_cos(f_cls, w), scaled_cos(f_rep, w)
+        loss, parts = self.mmrl_loss(z_cls, z_rep, f_cls, w, f_x, labels)
+        kl = self.kl_term(post, f_x, labels)
+        if kl is not None:
+            loss = loss + self.vc.KL_WEIGHT * kl
+            parts["kl"] = kl.item()
+        return loss, parts, self.fuse(z_cls, z_rep)
 
     def logits(self, images):
         """Training-mode fused logits with one posterior draw (the default LA check uses it)."""

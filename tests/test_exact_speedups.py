@@ -1,0 +1,96 @@
+"""Issue 20 §2: exact FLOP savings, each behind a switch and compared with the plain path."""
+import argparse
+import tempfile
+
+import pytest
+import torch
+
+from engine.clip_loader import load_clip
+from engine.prompted_clip import PromptedCLIP
+from tools import bench
+
+
+def test_cls_only_last_vision_block_equals_every_position():
+    plain, fast = (PromptedCLIP(load_clip("tiny"), cls_only_last_block=on) for on in (False, True))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = plain.encode_image(images)
+        assert torch.allclose(fast.encode_image(images), want, atol=1e-6)
+        n_flops = [bench.count_flops(lambda: m.encode_image(images)) for m in (plain, fast)]
+        # return_state (MMRL reads the last sequence): every position, whatever the switch
+        out, state = fast.encode_image(images, return_state=True)
+    assert torch.allclose(out, want, atol=1e-6) and state.last_hidden.shape[1] == 17
+    assert n_flops[1] < n_flops[0]
+
+
+def one_step(trainer, on):
+    with tempfile.TemporaryDirectory() as tmp:
+        args = argparse.Namespace(trainer=trainer, backbone="tiny", batch=3,
+                                  opts=["MODEL.CLS_ONLY_LAST_VISION_BLOCK", str(on)])
+        t = bench.build_trainer(args, bench.default_config_file(trainer), 5, tmp)
+        assert t.clip.cls_only_last_block is on
+        batch = bench.random_batch(t, 3, 5)
+        t.set_model_mode("train")
+        if hasattr(t, "prepare_benchmark"):
+            t.prepare_benchmark(batch)
+        torch.manual_seed(1)
+        out = {}
+        flops = bench.count_flops(lambda: out.update(t.forward_backward(batch)))
+        grads = {f"{name}.{n}": p.grad.clone() for name, m in t._models.items() for n, p in m.named_parameters()
+                 if p.grad is not None}
+        return flops, out["loss"], grads
+
+
+@pytest.mark.parametrize("trainer", ["CoOp", "CoCoOp", "MaPLe", "MMA", "LAMP", "TCP", "VaMP"])
+def test_a_training_step_is_unchanged_by_the_cls_only_last_vision_block(trainer):
+    """Loss and gradients (round-off of a different GEMM shape aside; Adam's first step would amplify the
+    round-off of near-zero gradients to +-lr, so the update is not compared) and fewer FLOPs."""
+    (f_plain, loss_plain, g_plain), (f_fast, loss_fast, g_fast) = one_step(trainer, False), one_step(trainer, True)
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
+    assert g_plain and set(g_plain) == set(g_fast)
+    for name, g in g_plain.items():
+        assert torch.allclose(g_fast[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
+    assert f_fast < f_plain
+
+
+def test_lamp_frozen_query_pass_shares_the_prompt_free_blocks_and_stops_at_the_last_lamp_layer():
+    """QUERY_SOURCE frozen_cls: blocks 1-2 run once for both passes, the query pass stops at the last LAMP
+    layer; queries, selections and image features are bit-identical to two whole passes."""
+    from engine.prompted_clip import TowerHooks
+    with tempfile.TemporaryDirectory() as tmp:
+        args = argparse.Namespace(trainer="LAMP", backbone="tiny", batch=2,
+                                  opts=["TRAINER.LAMP.QUERY_SOURCE", "frozen_cls", "TRAINER.LAMP.LAYERS", "[3, 5, 9]"])
+        t = bench.build_trainer(args, bench.default_config_file("LAMP"), 4, tmp)
+    images = torch.randn(2, 3, 32, 32)
+    full = {}
+
+    class Recorder(TowerHooks):
+        def before_block(self, l, x, state):
+            full[l] = x[:, 0].clone()
+            return x
+
+    def two_whole_passes():
+        o = t.lamp
+        o.indices, o.text_indices, o.sim_losses = {}, {}, []
+        t.clip.encode_image(images, Recorder())
+        o.frozen_queries = full
+        return t.clip.encode_image(images, o.vision_hooks)
+
+    with torch.no_grad():
+        want = two_whole_passes()
+        want_indices = dict(t.lamp.indices)
+        got = t.encode_images(images)
+        flops = [bench.count_flops(two_whole_passes), bench.count_flops(lambda: t.encode_images(images))]
+    assert torch.equal(got, want)
+    assert set(t.lamp.indices) == {3, 5, 9} and all(torch.equal(t.lamp.indices[l], want_indices[l]) for l in want_indices)
+    assert sorted(t.lamp.frozen_queries) == list(range(3, 10))
+    for l in (3, 5, 9):
+        assert torch.equal(t.lamp.frozen_queries[l], full[l])
+        block = bench.count_flops(lambda: t.clip.encode_image(images, upto=1)) - bench.count_flops(
+            lambda: t.clip.encode_image(images, upto=0))   # one prompt-free block
+    # saved: the embedding and blocks 1-2 of one pass, blocks 9-11 and the cls-only block 12 of the query pass
+    assert flops[1] < flops[0] - 5 * block
+    with pytest.raises(ValueError, match="upto"):
+        t.clip.encode_image(images, upto=13)
+    with pytest.raises(ValueError, match="cannot start at block 4"):
+        t.clip.encode_image(None, TowerHooks(), start=(torch.zeros(2, 17, 64), 4))
