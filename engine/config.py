@@ -216,8 +216,9 @@ def _base_defaults():
     # BOT, prompts and shared template words computed once per image (or once), class tokens per sequence;
     # last text block at EOT only (exact; False = every position of every sequence, for comparison)
     _C.MODEL.SHARED_TEXT_PREFIX = True
-    # the last vision block at the cls position only when nothing else of it is read (exact; False = every position)
-    _C.MODEL.CLS_ONLY_LAST_VISION_BLOCK = True
+    # the last vision block at the cls position only when nothing else of it is read: exact in arithmetic, not in
+    # round-off (other GEMM shapes), so opt-in: every method's default numerics stay those of the official code
+    _C.MODEL.CLS_ONLY_LAST_VISION_BLOCK = False
 
     # ---------------- Optimization
     _C.OPTIM = CN()

@@ -41,7 +41,9 @@ def one_step(trainer, on):
         return flops, out["loss"], grads
 
 
-@pytest.mark.parametrize("trainer", ["CoOp", "CoCoOp", "MaPLe", "MMA", "LAMP", "TCP", "VaMP"])
+# Not LFA: its closed-form (Procrustes) init on the tiny batch amplifies the round-off of the other GEMM shape to
+# a 3e-3 relative change of its first loss (measured), one reason the switch is off by default.
+@pytest.mark.parametrize("trainer", ["CoOp", "CoCoOp", "MaPLe", "MMA", "LAMP", "TCP", "VaMP", "Candle", "MMLoP"])
 def test_a_training_step_is_unchanged_by_the_cls_only_last_vision_block(trainer):
     """Loss and gradients (round-off of a different GEMM shape aside; Adam's first step would amplify the
     round-off of near-zero gradients to +-lr, so the update is not compared) and fewer FLOPs."""
