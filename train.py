@@ -13,8 +13,7 @@ of each regime); the scripts and the table launcher build the same steps there a
 import datasets  # noqa: F401  (registers every dataset)
 import trainers  # noqa: F401  (registers every trainer and its config section)
 from engine.cli import run_cli
-from engine.config import build_cfg  # noqa: F401  (tests build configs through train.build_cfg)
-from engine.runs import build_trainer, main, parse_args, run  # noqa: F401  (the command and its parts)
+from engine.runs import run
 
 if __name__ == "__main__":
     run_cli(run)

@@ -31,16 +31,16 @@ def train_args(root, out, trainer, config, *opts, seed=1, subsample="base", imb=
 
 
 def run_train(root, out, trainer, config, *opts, **kw):
-    import train
-    rc = train.main(train_args(root, out, trainer, config, *opts, **kw))
+    from tests import cli
+    rc = cli.main(train_args(root, out, trainer, config, *opts, **kw))
     assert rc == 0, f"train.py exited {rc}"
     return json.loads((Path(out) / "results.json").read_text())
 
 
 def run_eval(root, out, model_dir, trainer, config, *opts, subsample="new", **kw):
-    import train
+    from tests import cli
     args = train_args(root, out, trainer, config, *opts, subsample=subsample, **kw)
-    rc = train.main(["--eval-only", "--model-dir", str(model_dir)] + args)
+    rc = cli.main(["--eval-only", "--model-dir", str(model_dir)] + args)
     assert rc == 0, f"train.py --eval-only exited {rc}"
     return json.loads((Path(out) / "results.json").read_text())
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import train
+from tests import cli
 from tests.helpers_run import assert_metrics, run_eval, run_train, train_args
 from tools import bench
 from trainers.candle import Candle
@@ -22,8 +22,8 @@ def trained(root, tmp_path_factory):
 
 
 def build(root, out, *opts, subsample="base"):
-    cfg = train.build_cfg(train.parse_args(train_args(root, out, "Candle", CONFIG, *opts, subsample=subsample)))
-    return train.build_trainer(cfg)
+    cfg = cli.build_cfg(cli.parse_args(train_args(root, out, "Candle", CONFIG, *opts, subsample=subsample)))
+    return cli.build_trainer(cfg)
 
 
 def test_end_to_end_base_to_new_lowers_loss_and_writes_every_metric(root, trained, tmp_path, monkeypatch):

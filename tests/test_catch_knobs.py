@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import torch
 
-import train
+from tests import cli
 from engine.config import get_cfg_default
 from engine.run_identity import config_diff, flatten_config, run_neutral_keys
 from tests.helpers_run import train_args
@@ -76,7 +76,7 @@ def test_la_tau_reaches_the_trainers_loss(root, tmp_path, tau):
     """TRAINER.LA_TAU is the tau of the loss the trainer computes (hand-computed), not a default."""
     args = train_args(root, tmp_path / "run", "CoOp", "vit_b16_ep50_ctxv1.yaml", "TRAINER.LOSS", "la",
                       "TRAINER.LA_TAU", str(tau))
-    t = train.build_trainer(train.build_cfg(train.parse_args(args)))
+    t = cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, t.num_classes, generator=g)
     labels = torch.randint(0, t.num_classes, (6,), generator=g)
@@ -120,7 +120,7 @@ def test_results_json_metrics_match_an_independent_recomputation(root, tmp_path)
     opts = ("OPTIM.MAX_EPOCH", "2", "OPTIM.WARMUP_EPOCH", "0", "OPTIM.LR", "0.05")
     res = run_train(root, tmp_path / "run", "CoOp", "vit_b16_ep50_ctxv1.yaml", *opts)["results"]["test"]
     args = train_args(root, tmp_path / "again", "CoOp", "vit_b16_ep50_ctxv1.yaml", *opts)
-    t = train.build_trainer(train.build_cfg(train.parse_args(args)))
+    t = cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
     t.load_model(str(tmp_path / "run"))
     t.set_model_mode("eval")
     t.before_test()
@@ -147,7 +147,7 @@ def test_results_json_metrics_match_an_independent_recomputation(root, tmp_path)
 
 def _build(root, out, trainer, config, *opts, subsample="base"):
     args = train_args(root, out, trainer, config, *opts, subsample=subsample)
-    return train.build_trainer(train.build_cfg(train.parse_args(args)))
+    return cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
 
 
 def test_lfa_new_test_map_chooses_the_map_on_new_classes(root, tmp_path):

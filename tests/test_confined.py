@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import train
+from tests import cli
 from engine.cli import call_cli
 from tests.helpers_run import REPO, train_args
 from tools import check_data, make_world
@@ -45,7 +45,7 @@ def test_train_refuses_a_split_entry_outside_the_dataset(escaping_root, tmp_path
     monkeypatch.delenv("LTPL_DEBUG", raising=False)
     data, entry = escaping_root
     args = train_args(data, tmp_path / "zs", "ZeroshotCLIP", "vit_b16.yaml")
-    _one_line(capsys, call_cli(train.run, args), repr(entry), SPLIT.split("/")[1])
+    _one_line(capsys, call_cli(cli.run, args), repr(entry), SPLIT.split("/")[1])
     assert not (tmp_path / "zs" / "results.json").exists()
 
 

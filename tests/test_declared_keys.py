@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import train
+from tests import cli
 from engine import config as config_module
 from engine.cli import call_cli
 from engine.config import (BACKBONE_DEPTHS, CN, ConfigError, build_cfg, declared_sections, get_cfg_default,
@@ -117,7 +117,7 @@ def test_issue_examples_are_refused_before_clip_loads(root, tmp_path, capsys, mo
     args = train_args(root, tmp_path / "run", trainer, config, *opts)
     args[args.index("MODEL.BACKBONE.NAME") + 1] = "ViT-B/16" if "13" in value else "tiny"
     args[args.index("INPUT.SIZE") + 1] = "(224, 224)" if "13" in value else "(32, 32)"
-    assert call_cli(train.run, args) == 2
+    assert call_cli(cli.run, args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key.rsplit(".", 1)[0] in err[0] and words in err[0], err
     assert not (tmp_path / "run").exists()

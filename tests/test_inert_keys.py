@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-import train
+from tests import cli
 from engine.cli import call_cli
 from engine.config import (INERT_KEYS, TRANSFORM_PARAMS, ConfigError, _base_defaults, get_cfg_default,
                            merge_from_file, merge_from_list, validate_cfg)
@@ -154,7 +154,7 @@ def test_bad_transform_parameters_are_refused(opts, key):
 def test_resume_elsewhere_is_refused(root, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LTPL_DEBUG", raising=False)
     args = ["--resume", str(tmp_path / "elsewhere")] + train_args(root, tmp_path / "run", *COOP)
-    assert call_cli(train.run, args) == 2
+    assert call_cli(cli.run, args) == 2
     assert "--resume" in capsys.readouterr().err
     # --resume naming the run's own folder is what every run does anyway: accepted
     cfg = get_cfg_default()
@@ -193,12 +193,12 @@ def test_best_val_tests_the_best_epochs_model(root, tmp_path, monkeypatch):
     assert saved["epoch"] == 1 and torch.equal(saved["state_dict"]["ctx"], epoch2["state_dict"]["ctx"])
     assert not torch.equal(epoch2["state_dict"]["ctx"], last["state_dict"]["ctx"])
     args = train_args(root, tmp_path / "ev1", *COOP, *SHORT)
-    assert train.main(["--eval-only", "--model-dir", str(tmp_path / "best"), "--load-epoch", "1"] + args) == 0
+    assert cli.main(["--eval-only", "--model-dir", str(tmp_path / "best"), "--load-epoch", "1"] + args) == 0
     at_epoch2 = json.loads((tmp_path / "ev1" / "results.json").read_text())
     assert at_epoch2["results"]["test"] == best["results"]["test"]
     # --eval-only with best_val deploys model-best.pth.tar and records it
     args = train_args(root, tmp_path / "ev2", *COOP, *SHORT, "TEST.FINAL_MODEL", "best_val")
-    assert train.main(["--eval-only", "--model-dir", str(tmp_path / "best")] + args) == 0
+    assert cli.main(["--eval-only", "--model-dir", str(tmp_path / "best")] + args) == 0
     deployed = json.loads((tmp_path / "ev2" / "results.json").read_text())
     assert deployed["results"]["test"] == best["results"]["test"] and deployed["final_model"]["epoch"] == 2
 
@@ -228,6 +228,6 @@ def test_eval_only_best_val_on_a_last_step_run_is_one_line(root, tmp_path, capsy
     monkeypatch.delenv("LTPL_DEBUG", raising=False)
     run_train(root, tmp_path / "last", *COOP, *SHORT[:2], "OPTIM.WARMUP_EPOCH", "0")
     args = train_args(root, tmp_path / "ev", *COOP, "TEST.FINAL_MODEL", "best_val")
-    assert call_cli(train.run, ["--eval-only", "--model-dir", str(tmp_path / "last")] + args) == 2
+    assert call_cli(cli.run, ["--eval-only", "--model-dir", str(tmp_path / "last")] + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model-best.pth.tar" in err[0] and "--load-epoch" in err[0], err

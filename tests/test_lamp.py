@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import train
+from tests import cli
 from engine.trainer import TrainerX
 from tests.helpers_run import run_interrupted, REPO, assert_metrics, run_eval, run_train, train_args
 from tools import bench
@@ -18,7 +18,7 @@ FAST = ("OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "8")
 
 def build(root, tmp_path, *opts, subsample="base"):
     args = train_args(root, tmp_path / "run", "LAMP", CONFIG, *opts, subsample=subsample)
-    return train.build_trainer(train.build_cfg(train.parse_args(args)))
+    return cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
 
 
 def fixed_batch(seed=0, n=4):
@@ -267,7 +267,7 @@ def test_new_bias_adaptation_switch(root, tmp_path):
     (["TRAINER.LAMP.USE_POOL", "False", "TRAINER.LAMP.USE_MSP", "False"], "nothing to learn"),
 ])
 def test_impossible_settings_are_rejected(root, tmp_path, capsys, opts, message):
-    assert train.main(train_args(root, tmp_path / "run", "LAMP", CONFIG, *opts)) == 2
+    assert cli.main(train_args(root, tmp_path / "run", "LAMP", CONFIG, *opts)) == 2
     assert message in capsys.readouterr().err
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import train
+from tests import cli
 from engine.config import ConfigError
 from tests.helpers_run import REPO, run_eval, run_train, train_args
 
@@ -14,7 +14,7 @@ CONFIG = "vit_b16_lt_b2n.yaml"
 
 def build(root, tmp_path, *opts, subsample="base", config=CONFIG):
     args = train_args(root, tmp_path / "run", "LAMP", config, *opts, subsample=subsample)
-    return train.build_trainer(train.build_cfg(train.parse_args(args)))
+    return cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
 
 
 def batch(n=8, seed=0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+from tests import cli
 from engine.config import get_cfg_default, merge_from_file
 from tests.helpers_run import REPO, assert_metrics, run_eval, run_train, tensorboard_scalars, train_args
 from tools import bench
@@ -20,8 +20,8 @@ ITERS = 30
 
 
 def build(root, out, *opts, subsample="base"):
-    cfg = train.build_cfg(train.parse_args(train_args(root, out, "LFA", CONFIG, *opts, subsample=subsample)))
-    return train.build_trainer(cfg)
+    cfg = cli.build_cfg(cli.parse_args(train_args(root, out, "LFA", CONFIG, *opts, subsample=subsample)))
+    return cli.build_trainer(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_iterations_come_from_the_per_dataset_table():
 
 def test_la_loss_is_rejected_with_a_clear_error(root, tmp_path, capsys):
     args = train_args(root, tmp_path / "run", "LFA", CONFIG, "TRAINER.LOSS", "la")
-    assert train.main(args) == 2
+    assert cli.main(args) == 2
     assert "no cross-entropy to logit-adjust" in capsys.readouterr().err
 
 

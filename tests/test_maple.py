@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-import train
+from tests import cli
 from engine.clip_loader import load_clip
 from engine.config import ConfigError
 from engine.prompted_clip import PromptedCLIP, TowerHooks
@@ -139,8 +139,8 @@ def test_random_init_without_ctx_init(tiny):
 
 
 def test_la_loss_is_used_for_training(root, tmp_path):
-    cfg = train.build_cfg(train.parse_args(train_args(root, tmp_path / "la", "MaPLe", CONFIG, "TRAINER.LOSS", "la")))
-    trainer = train.build_trainer(cfg)
+    cfg = cli.build_cfg(cli.parse_args(train_args(root, tmp_path / "la", "MaPLe", CONFIG, "TRAINER.LOSS", "la")))
+    trainer = cli.build_trainer(cfg)
     assert_step_uses_la_loss(trainer)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+from tests import cli
 from engine.config import ConfigError
 from engine.prompted_clip import TowerHooks
 from tests.helpers_run import assert_step_uses_la_loss, assert_metrics, run_eval, run_train, train_args
@@ -147,8 +147,8 @@ def test_parameter_count_on_full_size_vit_b16(capsys):
 
 
 def test_text_features_are_cached_at_test_and_la_is_used(root, tmp_path, monkeypatch):
-    cfg = train.build_cfg(train.parse_args(train_args(root, tmp_path / "la", "MMA", CONFIG, "TRAINER.LOSS", "la")))
-    trainer = train.build_trainer(cfg)
+    cfg = cli.build_cfg(cli.parse_args(train_args(root, tmp_path / "la", "MMA", CONFIG, "TRAINER.LOSS", "la")))
+    trainer = cli.build_trainer(cfg)
     assert torch.equal(trainer.tokens.cpu(), trainer.clip.tokenize([f"a photo of a {n}." for n in trainer.classnames]))
     assert_step_uses_la_loss(trainer)
 

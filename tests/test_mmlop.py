@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+from tests import cli
 from engine.clip_loader import load_clip
 from engine.config import ConfigError, get_cfg_default, merge_from_file
 from engine.prompted_clip import PromptedCLIP, TowerHooks
@@ -20,7 +20,7 @@ ALL_OFF = ["TRAINER.MMLOP.LOW_RANK", "False", "TRAINER.MMLOP.ANCHORS", "False",
 
 def build(root, tmp_path, *opts, subsample="base"):
     args = train_args(root, tmp_path / "run", "MMLoP", CONFIG, *opts, subsample=subsample)
-    return train.build_trainer(train.build_cfg(train.parse_args(args)))
+    return cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
 
 
 class DeepPromptReference(TowerHooks):

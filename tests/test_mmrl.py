@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+from tests import cli
 from engine.config import ConfigError
 from engine.prompted_clip import TowerHooks
 from engine.losses import logit_adjusted_ce
@@ -18,7 +18,7 @@ CONFIG = "vit_b16_b2n.yaml"
 
 def build(root, tmp_path, *opts, subsample="base"):
     args = train_args(root, tmp_path / "run", "MMRL", CONFIG, *opts, subsample=subsample)
-    return train.build_trainer(train.build_cfg(train.parse_args(args)))
+    return cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
 
 
 class Recorder(TowerHooks):

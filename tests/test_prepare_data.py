@@ -339,10 +339,10 @@ def test_list_reports_states(prepared, tmp_path, capsys):
 
 
 def test_prepared_tree_trains_one_tiny_epoch(prepared, tmp_path):
-    import train
+    from tests import cli
 
     out = tmp_path / "run"
-    rc = train.main(["--root", str(prepared["root"]), "--seed", "1", "--trainer", "CoOp",
+    rc = cli.main(["--root", str(prepared["root"]), "--seed", "1", "--trainer", "CoOp",
                      "--dataset-config-file", str(REPO / "configs/datasets/fgvc_aircraft.yaml"),
                      "--config-file", str(REPO / "configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml"),
                      "--output-dir", str(out), *TINY, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0", "DATASET.NUM_SHOTS", "100",

@@ -70,7 +70,7 @@ def test_bf16_resume_before_the_last_epoch_is_exact(trainer, root, tmp_path, mon
 def test_the_loss_scale_travels_with_the_checkpoint(root, tmp_path, monkeypatch):
     """An fp16 (amp) run's GradScaler state (scale, growth counter) is saved and restored by resume."""
     from tests.helpers_run import train_args
-    import train
+    from tests import cli
 
     made = []
     original_init = TrainerX.__init__
@@ -95,7 +95,7 @@ def test_the_loss_scale_travels_with_the_checkpoint(root, tmp_path, monkeypatch)
         return start
 
     monkeypatch.setattr(TrainerX, "resume_if_possible", record)
-    assert train.main(args) == 0
+    assert cli.main(args) == 0
     assert resumed_states == [saved]
 
 

@@ -5,7 +5,7 @@ so the encoder must leave the shared path there (and stay exact)."""
 import pytest
 import torch
 
-import train
+from tests import cli
 from engine.prompted_clip import SharedPrefixText, TowerState, write_tokens
 from tests.helpers_run import train_args
 from trainers.cocoop import CoCoOpPromptLearner
@@ -84,7 +84,7 @@ def test_maple_exact(tiny):
 def test_lamp_exact(root, tmp_path, config, n_p, chunk):
     args = train_args(root, tmp_path / "run", "LAMP", config, "TRAINER.LAMP.TEXT_CHUNK", str(chunk),
                       "DATALOADER.TRAIN_X.BATCH_SIZE", "4")
-    t = train.build_trainer(train.build_cfg(train.parse_args(args)))
+    t = cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
     tokens = t.clip.tokenize([f"a photo of a {n}." for n in NAMES])
     batch = images()
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_lamp_exact(root, tmp_path, config, n_p, chunk):
 
 def test_tcp_class_aware_tokens_take_the_plain_path_and_stay_exact(root, tmp_path):
     args = train_args(root, tmp_path / "run", "TCP", "vit_b16_ep50_ctx4.yaml")
-    t = train.build_trainer(train.build_cfg(train.parse_args(args)))
+    t = cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
     plain, shared = run_both(t.clip, list(t.prompt_learner.parameters()), lambda: t.logits(images())[0])
     assert_same(plain, shared)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import train
+from tests import cli
 from engine.steps import Schedule, micro_batches
 from tests.helpers_run import train_args
 
@@ -27,7 +27,7 @@ def test_a_schedule_rejects_impossible_layouts():
 def _cocoop(root, out, *opts):
     args = train_args(root, out, "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1.yaml", *opts)
     torch.manual_seed(0)
-    return train.build_trainer(train.build_cfg(train.parse_args(args)))
+    return cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
 
 
 def _text_calls_with_grad(trainer):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+from tests import cli
 from engine.config import ConfigError, get_cfg_default
 from engine.losses import logit_adjusted_ce
 from engine.prompted_clip import TowerHooks
@@ -112,8 +112,8 @@ def test_parameter_count_on_full_size_vit_b16(capsys):
 
 
 def test_loss_is_la_plus_weighted_text_consistency(root, tmp_path):
-    cfg = train.build_cfg(train.parse_args(train_args(root, tmp_path / "la", "TCP", CONFIG, "TRAINER.LOSS", "la")))
-    trainer = train.build_trainer(cfg)
+    cfg = cli.build_cfg(cli.parse_args(train_args(root, tmp_path / "la", "TCP", CONFIG, "TRAINER.LOSS", "la")))
+    trainer = cli.build_trainer(cfg)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
     with torch.no_grad():
         logits, text = trainer.logits(images)
@@ -126,8 +126,8 @@ def test_loss_is_la_plus_weighted_text_consistency(root, tmp_path):
 
 
 def test_new_class_test_applies_the_tke_to_the_new_classes(root, tmp_path):
-    cfg = train.build_cfg(train.parse_args(train_args(root, tmp_path / "new", "TCP", CONFIG, subsample="new")))
-    trainer = train.build_trainer(cfg)
+    cfg = cli.build_cfg(cli.parse_args(train_args(root, tmp_path / "new", "TCP", CONFIG, subsample="new")))
+    trainer = cli.build_trainer(cfg)
     new_names = trainer.dataset.new_classnames
     assert trainer.classnames == new_names
     expected = frozen_text_features(trainer.clip, trainer.dataset.template, new_names)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import train
+from tests import cli
 import trainers  # noqa: F401  (registers every trainer)
 from engine.registry import TRAINER_REGISTRY
 from engine.trainer import TrainerX
@@ -54,8 +54,8 @@ def test_cocoop_trains(root, tmp_path):
 def test_cocoop_text_batch_split_is_exact(root, tmp_path):
     """Splitting the image batch to bound B*C text sequences gives the same logits."""
     args = train_args(root, tmp_path / "x", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1.yaml")
-    cfg = train.build_cfg(train.parse_args(args))
-    trainer = train.build_trainer(cfg)
+    cfg = cli.build_cfg(cli.parse_args(args))
+    trainer = cli.build_trainer(cfg)
     images = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         full = trainer.logits(images)
@@ -95,12 +95,12 @@ def test_eval_only_without_checkpoint_fails_and_never_trains(root, tmp_path, cap
     empty = tmp_path / "nothing_here"
     empty.mkdir()
     args = train_args(root, tmp_path / "eval", "CoOp", "vit_b16_ep50_ctxv1.yaml", subsample="new")
-    assert train.main(["--eval-only", "--model-dir", str(empty)] + args) == 2
+    assert cli.main(["--eval-only", "--model-dir", str(empty)] + args) == 2
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "--eval-only never trains" in err
     assert not (tmp_path / "eval" / "results.json").exists()
     assert not (tmp_path / "eval" / "prompt_learner").exists()
-    assert train.main(["--eval-only"] + args) == 2
+    assert cli.main(["--eval-only"] + args) == 2
     assert "--eval-only needs --model-dir" in capsys.readouterr().err
 
 
@@ -108,7 +108,7 @@ def test_finished_run_is_not_overwritten(root, tmp_path, capsys):
     out = tmp_path / "run"
     run_train(root, out, "ZeroshotCLIP", "vit_b16.yaml")
     before = (out / "results.json").read_text()
-    assert train.main(train_args(root, out, "ZeroshotCLIP", "vit_b16.yaml")) == 2
+    assert cli.main(train_args(root, out, "ZeroshotCLIP", "vit_b16.yaml")) == 2
     assert "already holds a finished run" in capsys.readouterr().err
     assert (out / "results.json").read_text() == before
 
@@ -124,7 +124,7 @@ def test_bad_input_gives_a_clear_error(root, tmp_path, capsys, monkeypatch, opts
     monkeypatch.setenv("CLIP_WEIGHTS_DIR", str(tmp_path / "no_weights"))
     data = tmp_path / root_override if root_override else root
     args = train_args(data, tmp_path / "run", "CoOp", "vit_b16_ep50_ctxv1.yaml", *opts)
-    assert train.main(args) == 2
+    assert cli.main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "results.json").exists()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import train
+from tests import cli
 from engine.cli import call_cli
 from engine.run_identity import RUN_NEUTRAL_KEYS, config_diff, run_tag
 from tests.helpers_data import REAL_SPLIT, require_shared
@@ -37,7 +37,7 @@ def test_resume_with_another_config_is_refused(root, tmp_path, monkeypatch, caps
     run_interrupted(monkeypatch, CoOp, 0, root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")
     stored = (out / "config.yaml").read_text()
     manifest = (out / "manifest.json").read_text()
-    line = _one_line_error(capsys, train.main(train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0", imb=1)),
+    line = _one_line_error(capsys, cli.main(train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0", imb=1)),
                            "DATASET.IMB_FACTOR", out)
     assert "10.0 in the folder" in line and "1.0 requested" in line
     assert (out / "config.yaml").read_text() == stored and (out / "manifest.json").read_text() == manifest
@@ -46,28 +46,28 @@ def test_resume_with_another_config_is_refused(root, tmp_path, monkeypatch, caps
     assert res["imb_factor"] == 10.0 and "TRAIN.PRINT_FREQ" in RUN_NEUTRAL_KEYS
     # A finished folder of another config is an error even with --skip-finished; the same config is skipped.
     args = train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "2")
-    _one_line_error(capsys, train.main(["--skip-finished"] + args), "OPTIM.MAX_EPOCH")
-    assert train.main(["--skip-finished"] + train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")) == 0
+    _one_line_error(capsys, cli.main(["--skip-finished"] + args), "OPTIM.MAX_EPOCH")
+    assert cli.main(["--skip-finished"] + train_args(root, out, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")) == 0
     assert "[skip]" in capsys.readouterr().out
 
     # --eval-only --model-dir of another trainer: the folder's trainer is named, nothing is written.
     ev = tmp_path / "eval"
     args = ["--eval-only", "--model-dir", str(out)] + train_args(root, ev, "TCP", "vit_b16_ep50_ctx4.yaml",
                                                                  subsample="new")
-    _one_line_error(capsys, train.main(args), "holds a CoOp run", "vit_b16_ep50_ctxv1", "TCP")
+    _one_line_error(capsys, cli.main(args), "holds a CoOp run", "vit_b16_ep50_ctxv1", "TCP")
     assert not ev.exists()
     # Same trainer, another architecture: the differing key, not a state_dict size mismatch.
     args = ["--eval-only", "--model-dir", str(out)] + train_args(root, ev, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0",
                                                                  "TRAINER.COOP.N_CTX", "8",
                                                                  "TRAINER.COOP.CTX_INIT", "", subsample="new")
-    _one_line_error(capsys, train.main(args), "TRAINER.COOP.N_CTX", "does not fit")
+    _one_line_error(capsys, cli.main(args), "TRAINER.COOP.N_CTX", "does not fit")
     # A recorded split that differs from the one drawn now (dataset files changed): named, refused.
     out2 = tmp_path / "run2"
     run_interrupted(monkeypatch, CoOp, 0, root, out2, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")
     m = json.loads((out2 / "manifest.json").read_text())
     m["hash"] = "0" * 64
     (out2 / "manifest.json").write_text(json.dumps(m))
-    _one_line_error(capsys, train.main(train_args(root, out2, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")), "manifest.json",
+    _one_line_error(capsys, cli.main(train_args(root, out2, *COOP, "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0")), "manifest.json",
                     "another training split")
 
 
@@ -173,7 +173,7 @@ def broken_root(root, tmp_path):
 def test_corrupt_image_is_named(broken_root, tmp_path, capsys, workers):
     data, bad = broken_root
     args = train_args(data, tmp_path / "zs", "ZeroshotCLIP", "vit_b16.yaml", "DATALOADER.NUM_WORKERS", workers)
-    _one_line_error(capsys, train.main(args), bad, "corrupt or truncated", "tools.check_data")
+    _one_line_error(capsys, cli.main(args), bad, "corrupt or truncated", "tools.check_data")
 
 
 def test_check_data_decodes_every_image(broken_root, capsys):
@@ -203,12 +203,12 @@ def _trunc_ckpt(tmp_path):
 
 
 def _train(root, tmp_path, *opts, trainer=COOP, out=None, **kw):
-    return train.run, train_args(root, out or tmp_path / "run", *trainer, *opts, **kw)
+    return cli.run, train_args(root, out or tmp_path / "run", *trainer, *opts, **kw)
 
 
 CASES = {
     "output dir is a file": lambda root, t: (
-        (t / "f").write_text("x"), (train.run, train_args(root, t / "f", *COOP)), [t / "f", "is a file"])[1:],
+        (t / "f").write_text("x"), (cli.run, train_args(root, t / "f", *COOP)), [t / "f", "is a file"])[1:],
     "malformed INPUT.SIZE": lambda root, t: (_train(root, t, "INPUT.SIZE", "(32,)"), ["INPUT.SIZE"]),
     "INPUT.SIZE not a tuple": lambda root, t: (_train(root, t, "INPUT.SIZE", "big"), ["INPUT.SIZE", "big"]),
     "unknown transform": lambda root, t: (_train(root, t, "INPUT.TRANSFORMS", "('flip_it',)"), ["flip_it"]),
@@ -217,13 +217,13 @@ CASES = {
     "unknown trainer": lambda root, t: (_train(root, t, trainer=("NoSuchNet", "x.yaml")), ["NoSuchNet"]),
     "missing --root": lambda root, t: (_train("", t), ["--root"]),
     "split not JSON": lambda root, t: (
-        lambda r: ((train.run, train_args(r[0], t / "run", *COOP, "DATASET.NAME", "Caltech101")), [r[1], "malformed"])
+        lambda r: ((cli.run, train_args(r[0], t / "run", *COOP, "DATASET.NAME", "Caltech101")), [r[1], "malformed"])
     )(_split_root(t, "{not json")),
     "split lacks keys": lambda root, t: (
-        lambda r: ((train.run, train_args(r[0], t / "run", *COOP, "DATASET.NAME", "Caltech101")), [r[1], "'val'"])
+        lambda r: ((cli.run, train_args(r[0], t / "run", *COOP, "DATASET.NAME", "Caltech101")), [r[1], "'val'"])
     )(_split_root(t, '{"train": [], "test": []}')),
     "truncated checkpoint": lambda root, t: (
-        lambda m: ((train.run, ["--eval-only", "--model-dir", str(m[0])] + train_args(root, t / "ev", *COOP)),
+        lambda m: ((cli.run, ["--eval-only", "--model-dir", str(m[0])] + train_args(root, t / "ev", *COOP)),
                    [m[1], "truncated or corrupt", "delete it"])
     )(_trunc_ckpt(t)),
     "bench unknown trainer": lambda root, t: (
@@ -259,10 +259,10 @@ def test_every_cli_error_is_one_line(case, root, tmp_path, capsys, monkeypatch):
 def test_debug_shows_the_traceback(root, tmp_path, monkeypatch):
     args = train_args(root, tmp_path / "run", *COOP, "INPUT.SIZE", "(32,)")
     with pytest.raises(ValueError, match="INPUT.SIZE"):
-        call_cli(train.run, ["--debug"] + args)
+        call_cli(cli.run, ["--debug"] + args)
     monkeypatch.setenv("LTPL_DEBUG", "1")
     with pytest.raises(ValueError, match="INPUT.SIZE"):
-        call_cli(train.run, args)
+        call_cli(cli.run, args)
 
 
 def test_entry_point_exits_2_as_a_process(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from tests import cli
 from engine.checkpoint import CheckpointError, load_checkpoint, numpy_rng_state_from_plain, numpy_rng_state_to_plain
 from engine.cli import call_cli
 from engine.config import ConfigError
@@ -58,7 +58,7 @@ def test_crafted_checkpoint_via_eval_only_is_one_line(root, tmp_path, capsys, mo
     marker = tmp_path / MARKER
     path = _plant(tmp_path / "m", {"state_dict": {}, "epoch": 0, "payload": _Payload(marker)})
     args = ["--eval-only", "--model-dir", str(tmp_path / "m")] + train_args(root, tmp_path / "ev", *COOP)
-    _one_line(capsys, call_cli(train.run, args), path, "could run code")
+    _one_line(capsys, call_cli(cli.run, args), path, "could run code")
     assert not marker.exists()
 
 
@@ -115,7 +115,7 @@ def test_corrupt_clip_weights_are_one_line(root, tmp_path, capsys, monkeypatch, 
     monkeypatch.delenv("LTPL_DEBUG", raising=False)
     weights = tmp_path / "tiny-world.pt"
     weights.write_bytes(content)
-    line = _one_line(capsys, call_cli(train.run, _clip_run(root, tmp_path, weights)), weights)
+    line = _one_line(capsys, call_cli(cli.run, _clip_run(root, tmp_path, weights)), weights)
     assert "Traceback" not in line
 
 
@@ -127,7 +127,7 @@ def test_truncated_clip_weights_are_one_line(root, tmp_path, capsys, monkeypatch
     torch.save(build_random_clip("tiny").state_dict(), whole)
     weights = tmp_path / "tiny-world.pt"
     weights.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    _one_line(capsys, call_cli(train.run, _clip_run(root, tmp_path, weights)), weights)
+    _one_line(capsys, call_cli(cli.run, _clip_run(root, tmp_path, weights)), weights)
 
 
 def test_untrusted_clip_weights_never_run_a_payload(root, tmp_path, capsys, monkeypatch):
@@ -135,7 +135,7 @@ def test_untrusted_clip_weights_never_run_a_payload(root, tmp_path, capsys, monk
     marker = tmp_path / MARKER
     weights = tmp_path / "tiny-world.pt"
     torch.save({"visual.proj": _Payload(marker)}, weights)
-    _one_line(capsys, call_cli(train.run, _clip_run(root, tmp_path, weights)), weights)
+    _one_line(capsys, call_cli(cli.run, _clip_run(root, tmp_path, weights)), weights)
     assert not marker.exists()
 
 
@@ -143,7 +143,7 @@ def test_clip_weights_of_another_model_are_one_line(root, tmp_path, capsys, monk
     monkeypatch.delenv("LTPL_DEBUG", raising=False)
     weights = tmp_path / "tiny-world.pt"
     torch.save({"w": torch.ones(3)}, weights)
-    _one_line(capsys, call_cli(train.run, _clip_run(root, tmp_path, weights)), weights, "CLIP")
+    _one_line(capsys, call_cli(cli.run, _clip_run(root, tmp_path, weights)), weights, "CLIP")
 
 
 def test_valid_state_dict_weights_load_like_clip_load(tmp_path):
@@ -222,4 +222,4 @@ def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(root, tmp_path, 
     ckpt = torch.load(path, weights_only=True)
     ckpt["state_dict"] = {k: torch.zeros(3) for k in ckpt["state_dict"]}
     torch.save(ckpt, path)
-    _one_line(capsys, call_cli(train.run, train_args(root, tmp_path / "run", *COOP, *opts)), path, "cannot resume")
+    _one_line(capsys, call_cli(cli.run, train_args(root, tmp_path / "run", *COOP, *opts)), path, "cannot resume")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+from tests import cli
 from tests.helpers_run import assert_metrics, assert_step_uses_la_loss, run_eval, run_train, train_args
 from tools import bench
 from trainers.vamp import gaussian_kl
@@ -17,7 +17,7 @@ MMRL_TINY = 5 * 512 + 7 * (512 * 64 + 64) * 2 + 64 * 64  # MMRL on the tiny back
 
 def build(root, tmp_path, *opts, trainer="VaMP", subsample="base"):
     args = train_args(root, tmp_path / "run", trainer, CONFIG, *opts, subsample=subsample)
-    return train.build_trainer(train.build_cfg(train.parse_args(args)))
+    return cli.build_trainer(cli.build_cfg(cli.parse_args(args)))
 
 
 def perturb(trainer, std=0.05):

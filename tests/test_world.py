@@ -285,7 +285,7 @@ def test_missing_world_checkpoint_names_the_path_and_the_command(tmp_path, monke
 
 def _run(world_root, world_weights, monkeypatch, out, name, trainer, config, subsample, *opts, seed=1,
          model_dir=None):
-    import train
+    from tests import cli
 
     monkeypatch.setenv("CLIP_WEIGHTS_DIR", str(world_weights))
     args = ["--root", str(world_root), "--seed", str(seed), "--trainer", trainer,
@@ -296,7 +296,7 @@ def _run(world_root, world_weights, monkeypatch, out, name, trainer, config, sub
             "DATASET.CACHE_DIR", str(Path(out).parent / "cache"), *opts]
     if model_dir is not None:
         args = ["--eval-only", "--model-dir", str(model_dir)] + args
-    assert train.main(args) == 0
+    assert cli.main(args) == 0
     return json.loads((Path(out) / "results.json").read_text())
 
 

@@ -208,7 +208,7 @@ BENCH_ROWS = {"CoOp+LA", "Candle", "LAMP"}
 def runs(tmp_path_factory):
     """Real runs of both specs (world_textures only, small, seeds 1-2, the random tiny CLIP, one epoch):
     CoOp+LA, Candle and LAMP of the benchmark at imb 10 and 50, and every row of the ablation."""
-    import train
+    from tests import cli
     from datasets.world import generate_world_dataset
     base = tmp_path_factory.mktemp("world_claims")
     data, out = base / "data", base / "out"
@@ -220,7 +220,7 @@ def runs(tmp_path_factory):
                 continue
             for step in u.steps:
                 if not step.done:                           # the ablation's LAMP is the benchmark's run
-                    assert train.main(step.argv) == 0, step.folder
+                    assert cli.main(step.argv) == 0, step.folder
     return {"data": data, "out": out, "plans": plans}
 
 
