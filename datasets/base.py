@@ -2,7 +2,7 @@
 
 A dataset subclass only names its folders, split file and prompt template (and overrides
 ``read_data`` where the reading differs, e.g. folder scans). ``DatasetBase.__init__`` then runs
-methods.md section 1.1 in order:
+docs/protocol.md in order:
 
 1. read the full train/val/test split (``read_data``; CoOp ``split_zhou_*.json`` by default);
 2. per-class cap of train (``DATASET.NUM_SHOTS``) and val (min(NUM_SHOTS, 4)), cached as JSON under

@@ -1,6 +1,6 @@
 """Per-class quotas of the long-tailed training set (exponential and step profiles).
 
-The exponential profile follows Candle's ``gen_imbalanced_data`` (methods.md section 1.1):
+The exponential profile follows Candle's ``gen_imbalanced_data`` (docs/protocol.md):
 ``n_i = int(max(n_max * rho ** (i / (C - 1)), 1))`` with ``rho = 1 / imb_factor`` and i the rank of the
 class by size. It is computed exactly as Candle does (``rho`` first, then the power) so that the
 truncation to int gives the same quotas bit for bit.

@@ -1,4 +1,4 @@
-"""The long-tailed base-to-new protocol of methods.md section 1.1, shared by ``datasets.DatasetBase``
+"""The long-tailed base-to-new protocol of docs/protocol.md, shared by ``datasets.DatasetBase``
 and the ``python -m lt_sampling`` CLI so that both give the same split and manifest hash.
 
 Order: per-class cap (``cap_splits``) -> record all class names -> base/new split -> long-tailed
@@ -62,7 +62,7 @@ class ProtocolResult:
 
 def apply_protocol(train, val, test, *, seed, subsample="all", imb_factor=1.0, profile="exp",
                    step_head_fraction=0.5, head_fraction=0.2, long_tailed=True, require_train=True):
-    """Steps 3-5 of methods.md section 1.1 on already capped splits (see ``cap_splits``).
+    """Steps 3-5 of docs/protocol.md on already capped splits (see ``cap_splits``).
 
     Down-sampling (if ``imb_factor > 1`` and ``long_tailed``) touches the train split only and applies
     to whichever class subset is active. Val and test are never down-sampled. The base/new split comes

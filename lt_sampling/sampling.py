@@ -107,7 +107,7 @@ def long_tailed_quotas(counts, imb_factor, profile="exp", step_head_fraction=0.5
 
 
 def downsample_long_tailed(items, imb_factor, profile="exp", rng=0, step_head_fraction=0.5):
-    """Long-tailed down-sampling (methods.md section 1.1 step 5, Candle's ``gen_imbalanced_data``).
+    """Long-tailed down-sampling (docs/protocol.md, step 5; Candle's ``gen_imbalanced_data``).
 
     Every class, in ascending label order, shuffles its item indices with ``rng``
     (``np.random.RandomState`` or an int seed) and keeps the first ``quota`` of them; a class smaller

@@ -7,7 +7,7 @@ A run without the requested ``--eval-key`` but with ``test`` (a base run next to
 
 Runs are grouped by (experiment, dataset, trainer, config). For each split (base / new / all) the
 metrics are averaged over seeds first; HM-A = HM(mean base acc, mean new acc) and
-HM-M = HM(mean base macro-F1, mean new macro-F1) are then taken of those means (methods.md 1.2).
+HM-M = HM(mean base macro-F1, mean new macro-F1) are then taken of those means (docs/protocol.md, Scoring).
 Std is the sample std (ddof=1), 0 for a single seed. The "Average" row of a method is the plain mean
 of its per-dataset values (as in the LAMP paper).
 """

@@ -133,7 +133,7 @@ def _f(v):
 def report_text(root, backbone, plan, summary, zero_shot, timings, ckpt, record):
     datasets = [d.name for d in plan.spec.datasets]
     lines = [f"# Demo: long-tailed base-to-new prompt learning on `{backbone}`", ""]
-    lines += ["Long-tailed base-to-new protocol (methods.md 1.1): train on the base half of the classes, "
+    lines += ["Long-tailed base-to-new protocol (docs/protocol.md): train on the base half of the classes, "
               "capped at 100 images per class and down-sampled to imbalance factor 10 (exponential profile), "
               f"seed 1; test on the base classes and on the unseen new classes. Datasets: {', '.join(datasets)} "
               "(generated world, datasets/world.py). Runs, rows and shortened schedules: the table spec "

@@ -1,6 +1,6 @@
 """Collect: the ``results.json`` files of a plan's runs -> one value per table cell.
 
-Conventions (tools/collect_results.py, methods.md 1.2): metrics are averaged over seeds first; HM-A / HM-M
+Conventions (tools/collect_results.py, docs/protocol.md): metrics are averaged over seeds first; HM-A / HM-M
 are the harmonic mean of the seed-averaged base and new accuracy / macro-F1. The ``±`` of an HM cell is the
 sample std (ddof=1) over seeds of the per-seed HM (seeds with both a base and a new result); of a plain
 metric, the sample std of that metric. ``hm_mean`` = (HM-A + HM-M) / 2. An average column is the plain mean
