@@ -315,5 +315,5 @@ def test_micro_batched_step_equals_the_whole_batch(root, tmp_path):
     assert g_whole and set(g_whole) == set(g_micro)
     for name, g in g_whole.items():
         assert torch.allclose(g, g_micro[name], rtol=1e-4, atol=1e-5 * float(g.abs().max())), name  # summation order
-    for name, p in p_whole.items():
-        assert torch.allclose(p, p_micro[name], rtol=1e-5, atol=1e-7), name
+    for name, p in p_whole.items():  # round-off: up to 2.5e-7 on two threads (measured), 0 on one
+        assert torch.allclose(p, p_micro[name], rtol=1e-5, atol=1e-6), name
