@@ -2,6 +2,8 @@
 
 Nothing here downloads. A missing weights file is an error that lists every place looked in.
 """
+import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -79,6 +81,26 @@ def resolve_weights_path(name, explicit_path=""):
         f"{default_weight_dirs()[0]}. "
         f"For a weight-free run use MODEL.BACKBONE.NAME tiny "
         f"(or ViT-B/16-random).")
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path, size, mtime_ns):  # size and mtime in the key: a file rewritten in place is hashed again
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def backbone_identity(name, explicit_path=""):
+    """What a run's backbone weights are: ``{"name", "path", "sha256"}``. ``sha256`` is the hash of the weights
+    file the run loads (a file re-pretrained or replaced under the same name gets another one); None for a
+    random-weight architecture, which is built from a fixed seed. A missing file raises as ``load_clip`` does."""
+    if name in RANDOM_ARCHS:
+        return {"name": name, "path": "", "sha256": None}
+    path = resolve_weights_path(name, explicit_path)
+    stat = path.stat()
+    return {"name": name, "path": str(path), "sha256": _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
 
 
 def build_random_clip(name):

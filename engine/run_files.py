@@ -1,5 +1,5 @@
-"""What a run writes besides checkpoints: the resolved config, the data manifest and ``results.json``
-(all atomically), and the refusal to overwrite a finished run."""
+"""What a run writes besides checkpoints: the resolved config, the backbone weights' hash, the data manifest and
+``results.json`` (all atomically), and the refusal to overwrite a finished run."""
 import datetime
 import os
 import subprocess
@@ -7,7 +7,9 @@ from pathlib import Path
 
 from engine.checkpoint import atomic_write_json
 from engine.checkpointing import RunError
+from engine.clip_loader import backbone_identity
 from engine.config import dump_cfg
+from engine.run_identity import write_backbone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +32,11 @@ class RunFiles:
         self.run_info = dict(run_info or {})
 
     @property
+    def backbone(self):
+        """The backbone weights this run loads (``backbone_identity``; the file is hashed once per process)."""
+        return backbone_identity(self.cfg.MODEL.BACKBONE.NAME, self.cfg.MODEL.BACKBONE.PATH)
+
+    @property
     def results_path(self):
         return os.path.join(self.output_dir, "results.json")
 
@@ -39,6 +46,7 @@ class RunFiles:
 
     def write_run_files(self, manifest):
         os.makedirs(self.output_dir, exist_ok=True)
+        write_backbone(self.output_dir, self.backbone)   # before config.yaml, which marks the folder as a run
         dump_cfg(self.cfg, os.path.join(self.output_dir, "config.yaml"))
         if manifest:
             atomic_write_json(manifest, os.path.join(self.output_dir, "manifest.json"))
@@ -59,6 +67,7 @@ class RunFiles:
             "num_shots": cfg.DATASET.NUM_SHOTS,
             "loss": cfg.TRAINER.LOSS,
             "backbone": cfg.MODEL.BACKBONE.NAME,
+            "backbone_sha256": self.backbone["sha256"],
         }
         payload.update(fields)
         payload.update({"manifest_hash": (manifest or {}).get("hash", ""), "code_version": code_version(),

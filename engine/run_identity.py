@@ -7,7 +7,9 @@ run-neutral opts out of the name).
 
 ``check_run_folder(folder, cfg)`` is the other half: a folder that already holds a run (its
 ``config.yaml``) with a different resolved config is an error naming the differing keys; the run-neutral keys
-(``RUN_NEUTRAL_KEYS`` and each method's ``MethodInfo.run_neutral``) are exempt. ``check_manifest`` does the same for the recorded training split.
+(``RUN_NEUTRAL_KEYS`` and each method's ``MethodInfo.run_neutral``) are exempt. ``check_manifest`` does the same for
+the recorded training split, and ``check_backbone`` for the backbone weights (the sha256 of the weights file, which
+a config cannot show: re-pretraining tiny-world or replacing a file keeps its name).
 """
 import hashlib
 import json
@@ -16,6 +18,7 @@ import re
 
 import yaml
 
+from engine.checkpoint import atomic_write_json
 from engine.cli import UserError
 from engine.registry import TRAINER_REGISTRY
 
@@ -59,13 +62,15 @@ def variant_tag(opts):
 # speed-up): where the data and outputs live, how many workers load the data, how often the log prints
 # or checkpoints are kept, the evaluation batch size, and the exact text-encoder speed-ups. USE_CUDA is
 # neutral too (the same run may be resumed on another machine); the precision a trainer uses is its
-# TRAINER.<NAME>.PREC key, which is not neutral. These are the engine's keys; a method names its own
+# TRAINER.<NAME>.PREC key, which is not neutral. The weights file's path is neutral too: what identifies the
+# weights is their hash (BACKBONE_FILE, check_backbone), not where the file lies. These are the engine's keys; a method names its own
 # (e.g. LAMP's text chunking) in its registry entry (MethodInfo.run_neutral).
 RUN_NEUTRAL_KEYS = (
     "OUTPUT_DIR",
     "RESUME",
     "VERBOSE",
     "USE_CUDA",
+    "MODEL.BACKBONE.PATH",
     "DATASET.ROOT",
     "DATASET.CACHE_DIR",
     "DATALOADER.NUM_WORKERS",
@@ -78,6 +83,7 @@ RUN_NEUTRAL_KEYS = (
     "MODEL.CLS_ONLY_LAST_VISION_BLOCK",
 )
 CONFIG_FILE = "config.yaml"
+BACKBONE_FILE = "backbone.json"
 
 
 class RunIdentityError(UserError):
@@ -181,3 +187,44 @@ def check_manifest(folder, manifest):
             f"{path} records another training split (hash {old[:12]}) than this run draws ({new[:12]}): "
             f"the dataset files or the sampling changed since the folder's run started; choose another "
             f"--output-dir")
+
+
+def write_backbone(folder, identity):
+    """Record the backbone weights a run uses (``engine.clip_loader.backbone_identity``) in its folder."""
+    atomic_write_json(dict(identity), os.path.join(folder, BACKBONE_FILE))
+
+
+def recorded_backbone(folder):
+    """The backbone identity a run folder recorded (dict), or None when it records none."""
+    path = os.path.join(folder, BACKBONE_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as err:
+        raise RunIdentityError(f"cannot read {path} ({' '.join(str(err).split())}); this folder's backbone weights "
+                               "cannot be checked: choose another --output-dir") from None
+    return data
+
+
+def check_backbone(folder, identity, role="this folder"):
+    """Raise RunIdentityError when ``folder`` holds a run (its config.yaml) made with other backbone weights than
+    ``identity`` (``backbone_identity``: the weights file's sha256), or one that recorded no weights although they
+    come from a file. A run is never resumed, skipped as done or evaluated on other weights than it was trained on."""
+    want = (identity or {}).get("sha256")
+    if not want or not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        return
+    stored = recorded_backbone(folder)
+    advice = (f"point MODEL.BACKBONE.PATH / CLIP_WEIGHTS_DIR at the weights that run used, or choose another "
+              f"--output-dir (a table: a fresh --output) for runs on {identity['path']}")
+    if stored is None:
+        raise RunIdentityError(f"{folder} holds a run that records no backbone weights ({BACKBONE_FILE}; written by an "
+                               f"older version), so whether it used {identity['path']} (sha256 {want[:12]}) cannot be "
+                               f"checked: choose another --output-dir")
+    if stored.get("sha256") != want:
+        raise RunIdentityError(f"{folder} ({role}) holds a run made with other {stored.get('name', '?')} weights "
+                               f"(sha256 {str(stored.get('sha256'))[:12]}) than {identity['path']} (sha256 {want[:12]}): "
+                               f"the weights file was re-pretrained or replaced since; {advice}")

@@ -35,7 +35,9 @@ from pathlib import Path
 from engine.cli import UserError, call_cli
 from engine.config import ConfigError, build_cfg, load_yaml
 from engine.registry import TRAINER_REGISTRY
-from engine.run_identity import RunIdentityError, check_manifest, check_run_folder, read_run_config, run_tag, variant_tag
+from engine.clip_loader import backbone_identity
+from engine.run_identity import (RunIdentityError, check_backbone, check_manifest, check_run_folder, read_run_config,
+                                 run_tag, variant_tag)
 from engine.trainer import RunError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +129,8 @@ class Step:
     def expected(self):
         """What this run's results.json must record: trainer, dataset (DATASET.NAME of its dataset config or its
         DATASET.NAME opt), seed, config, and subsample_classes / imb_factor / num_shots / loss where the arguments
-        set them (last value wins, as in yacs)."""
+        set them (last value wins, as in yacs), and the sha256 of the backbone weights where they come from a file
+        found here."""
         args = parse_args(self.argv)
         opts = dict(zip(args.opts[0::2], args.opts[1::2]))
         dataset = opts.get("DATASET.NAME") or dataset_name(args.dataset_config_file)
@@ -137,6 +140,9 @@ class Step:
                                       ("DATASET.NUM_SHOTS", "num_shots", int), ("TRAINER.LOSS", "loss", str)):
             if key in opts:
                 out[field_name] = cast(opts[key])
+        sha = planned_backbone_sha256(tuple(self.argv))
+        if sha:
+            out["backbone_sha256"] = sha
         return out
 
     @property
@@ -145,6 +151,24 @@ class Step:
 
     def state(self):
         return folder_state(self.folder)
+
+
+@functools.lru_cache(maxsize=None)
+def _planned_backbone(argv):
+    args = parse_args(list(argv))
+    if args.backbone:
+        args.opts = ["MODEL.BACKBONE.NAME", args.backbone] + list(args.opts or [])
+    cfg = build_cfg(args)
+    return cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PATH
+
+
+def planned_backbone_sha256(argv):
+    """The sha256 of the backbone weights file a step's arguments load, or None: a random-weight architecture,
+    or weights not found here (collecting on a machine without them checks everything but the weights)."""
+    try:
+        return backbone_identity(*_planned_backbone(tuple(argv)))["sha256"]
+    except (FileNotFoundError, ConfigError):
+        return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,6 +282,7 @@ def check_output_dir(cfg, skip_finished=False):
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"--output-dir {out} is a file, not a folder")
     check_run_folder(out, cfg)
+    check_weights(out, cfg)
     if finished(out):
         if skip_finished:
             return True
@@ -266,10 +291,19 @@ def check_output_dir(cfg, skip_finished=False):
     return False
 
 
+def check_weights(folder, cfg, role="this folder"):
+    """``check_backbone`` for a folder that holds a run (only then are the weights looked up and hashed: a fresh
+    folder's first error stays the one the run itself raises)."""
+    if read_run_config(folder) is not None:
+        check_backbone(folder, backbone_identity(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PATH), role)
+
+
 def check_model_dir(model_dir, cfg):
-    """``--eval-only --model-dir``: the folder must hold a run of the same trainer and backbone."""
+    """``--eval-only --model-dir``: the folder must hold a run of the same trainer and backbone, trained on the same
+    backbone weights."""
     if not os.path.isdir(model_dir):
         raise RunError(f"--model-dir {model_dir} is not a folder; pass the output folder of a training run")
+    check_weights(model_dir, cfg, "--model-dir")
     stored = read_run_config(model_dir)
     if stored is None:
         return

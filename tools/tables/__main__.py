@@ -93,6 +93,7 @@ def main(argv=None):
         from tools.tables.efficiency import main as eff_main
         return eff_main(args)
     from tools.tables import build_plan, collect, launch, load_spec, render_all
+    from tools.tables.results import runs_on_other_weights
     overrides = {k: v for k, v in (("seeds", args.seeds), ("settings", args.settings)) if v} or None
     if args.datasets:
         listed = {d.name: {"name": d.name, "config": d.config, "opts": list(d.opts)}
@@ -108,6 +109,14 @@ def main(argv=None):
         return 0
     rc = 0
     if not args.collect_only:
+        stale = runs_on_other_weights(plan)
+        if stale:
+            path, found, want = stale[0]
+            raise UserError(f"{len(stale)} finished run(s) under {plan.output} were made with other backbone weights "
+                            f"than this plan's runs load (first: {path} records sha256 {str(found)[:12]}, the weights "
+                            f"file now has {want[:12]}): they are not this plan's runs, and the launcher would take them as done; run "
+                            f"into a fresh --output, or point CLIP_WEIGHTS_DIR / MODEL.BACKBONE.PATH at the weights "
+                            f"they used")
         slurm = {"partition": args.partition, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
                  "time_min": args.time, "array_parallelism": args.array_parallelism, "account": args.account,
                  "qos": args.qos}

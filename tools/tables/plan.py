@@ -28,7 +28,8 @@ ENGINE_DEFAULTS = {"OPTIM.MAX_EPOCH": 10, "DATALOADER.TRAIN_X.BATCH_SIZE": 32}  
 
 
 # results.json fields a collected run must agree on with its plan (tools/tables/results.py checks them)
-CHECKED_FIELDS = ("trainer", "dataset", "seed", "subsample_classes", "imb_factor", "num_shots", "loss", "config")
+CHECKED_FIELDS = ("trainer", "dataset", "seed", "subsample_classes", "imb_factor", "num_shots", "loss", "config",
+                  "backbone_sha256")
 
 
 @dataclass

@@ -52,6 +52,26 @@ def check_record(rec, step):
     return None
 
 
+def runs_on_other_weights(plan):
+    """The finished runs of ``plan`` whose results.json records other backbone weights (sha256) than the plan's
+    runs load: [(results.json path, recorded sha256, planned sha256)]. The launcher would take them as done."""
+    stale = []
+    for u in plan.members or plan.units:
+        for step in u.steps:
+            path = os.path.join(step.folder, "results.json")
+            want = step.expected().get("backbone_sha256") if os.path.isfile(path) else None
+            if not want:
+                continue
+            try:
+                with open(path) as f:
+                    found = json.load(f).get("backbone_sha256", "<missing>")
+            except (OSError, ValueError, AttributeError):
+                continue   # corrupt: collect warns about it
+            if found != want:
+                stale.append((path, found, want))
+    return stale
+
+
 def _read(step, eval_key, warn, refused):
     """The results of one run, or None: missing, corrupt (warned) or not the planned run (warned, excluded)."""
     path = os.path.join(step.folder, "results.json")
