@@ -138,21 +138,27 @@ def format_diff(diff, limit=8):
     return "; ".join(parts)
 
 
-def read_run_config(folder):
-    """The resolved config a run folder holds (dict), or None when it holds none. A config.yaml that
-    does not parse is an error naming it."""
-    path = os.path.join(folder, CONFIG_FILE)
+def _read_mapping(path, load, what):
+    """The mapping a run folder's file holds, or None when the file is missing; unreadable or not a mapping is an
+    error naming the file (``what``: what then cannot be checked)."""
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        raise RunIdentityError(f"cannot parse {path} ({' '.join(str(err).split())}); this folder's run "
-                               "cannot be identified: choose another --output-dir") from err
+            data = load(f)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise RunIdentityError(f"cannot read {path} ({' '.join(str(err).split())}); {what} cannot be "
+                               "identified: choose another --output-dir") from err
     if not isinstance(data, dict):
-        raise RunIdentityError(f"{path} does not hold a config mapping; choose another --output-dir")
+        raise RunIdentityError(f"{path} does not hold a mapping; {what} cannot be identified: choose another "
+                               "--output-dir")
     return data
+
+
+def read_run_config(folder):
+    """The resolved config a run folder holds (dict), or None when it holds none. A config.yaml that
+    does not parse is an error naming it."""
+    return _read_mapping(os.path.join(folder, CONFIG_FILE), yaml.safe_load, "this folder's run")
 
 
 def check_run_folder(folder, cfg):
@@ -196,18 +202,7 @@ def write_backbone(folder, identity):
 
 def recorded_backbone(folder):
     """The backbone identity a run folder recorded (dict), or None when it records none."""
-    path = os.path.join(folder, BACKBONE_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        if not isinstance(data, dict):
-            raise ValueError("not an object")
-    except (OSError, ValueError) as err:
-        raise RunIdentityError(f"cannot read {path} ({' '.join(str(err).split())}); this folder's backbone weights "
-                               "cannot be checked: choose another --output-dir") from None
-    return data
+    return _read_mapping(os.path.join(folder, BACKBONE_FILE), json.load, "this folder's backbone weights")
 
 
 def check_backbone(folder, identity, role="this folder"):
