@@ -20,6 +20,9 @@ PINNED_RUN_NEUTRAL = {
     "MODEL.TEXT_PREFIX_CACHE", "MODEL.SHARED_TEXT_PREFIX", "MODEL.CLS_ONLY_LAST_VISION_BLOCK",
     "TRAINER.LAMP.TEXT_CHUNK", "TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD", "TRAINER.VAMP.MAX_TEXT_SEQS_WITH_GRAD",
     "TRAINER.COCOOP.MAX_TEXT_BATCH",
+    # where the weights file lies: the weights themselves are identified by their sha256 (backbone.json,
+    # engine.run_identity.check_backbone; tests/test_backbone_identity.py)
+    "MODEL.BACKBONE.PATH",
 }
 
 
