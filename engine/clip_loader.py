@@ -83,13 +83,17 @@ def resolve_weights_path(name, explicit_path=""):
         f"(or ViT-B/16-random).")
 
 
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path, size, mtime_ns):  # size and mtime in the key: a file rewritten in place is hashed again
+def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sha256(path, size, mtime_ns):  # size and mtime in the key: a file rewritten in place is hashed again
+    return sha256_file(path)
 
 
 def backbone_identity(name, explicit_path=""):
@@ -100,7 +104,7 @@ def backbone_identity(name, explicit_path=""):
         return {"name": name, "path": "", "sha256": None}
     path = resolve_weights_path(name, explicit_path)
     stat = path.stat()
-    return {"name": name, "path": str(path), "sha256": _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
+    return {"name": name, "path": str(path), "sha256": _cached_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
 
 
 def build_random_clip(name):

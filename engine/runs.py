@@ -303,7 +303,6 @@ def check_model_dir(model_dir, cfg):
     backbone weights."""
     if not os.path.isdir(model_dir):
         raise RunError(f"--model-dir {model_dir} is not a folder; pass the output folder of a training run")
-    check_weights(model_dir, cfg, "--model-dir")
     stored = read_run_config(model_dir)
     if stored is None:
         return
@@ -320,6 +319,7 @@ def check_model_dir(model_dir, cfg):
             f"--model-dir {model_dir} holds a {trainer} run (config {name or Path(model_dir).parent.name}, "
             f"backbone {backbone}), but this evaluation is for {cfg.TRAINER.NAME} with backbone "
             f"{cfg.MODEL.BACKBONE.NAME}; pass the matching --trainer/--config-file or another --model-dir")
+    check_weights(model_dir, cfg, "--model-dir")
 
 
 # ---------------------------------------------------------------------------------------- one step here

@@ -15,7 +15,6 @@ which gives the same checkpoint as one thread; with more, each tower's ops use t
 results, hence the hash, may depend on that count).
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import world  # noqa: E402
 from engine.checkpoint import atomic_torch_save, atomic_write_json  # noqa: E402
 from engine.cli import UserError, require_at_least, run_cli  # noqa: E402
-from engine.clip_loader import WORLD_MODELS, default_weight_dirs, load_clip  # noqa: E402
+from engine.clip_loader import WORLD_MODELS, default_weight_dirs, load_clip, sha256_file  # noqa: E402
 from engine.compat import import_clip  # noqa: E402
 
 FORMAT_VERSION = 1
@@ -224,14 +223,6 @@ def openai_state_dict(model):
     copy.load_state_dict(model.state_dict())
     clip.model.convert_weights(copy)
     return {k: v.detach().clone() for k, v in copy.state_dict().items()}
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # The recipe (tools.pretrain_clip's defaults; the tests pass a fast setting). Measured in the README and in
