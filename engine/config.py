@@ -219,6 +219,9 @@ def _base_defaults():
     # the last vision block at the cls position only when nothing else of it is read: exact in arithmetic, not in
     # round-off (other GEMM shapes), so opt-in: every method's default numerics stay those of the official code
     _C.MODEL.CLS_ONLY_LAST_VISION_BLOCK = False
+    # likewise opt-in: a vision block whose prompt outputs the method replaces before the next block computes
+    # only their keys and values (LAMP's prompts at every LAMP layer but the last)
+    _C.MODEL.SKIP_REPLACED_PROMPT_OUTPUTS = False
 
     # ---------------- Optimization
     _C.OPTIM = CN()

@@ -59,6 +59,12 @@ class TowerHooks:
         shared prefix and on the class positions separately)."""
         return None
 
+    def replaced_after(self, layer):
+        """n: the outputs of vision block ``layer`` at positions 1..n are never read (the hooks replace them
+        before the next block and the read-out is elsewhere). The encoder may then compute only their keys and
+        values in that block (``skip_replaced_outputs``); a hook that returns n > 0 must replace them."""
+        return 0
+
 
 class SharedPrefixText:
     """A text batch of N = groups x C sequences (image-major: row g*C + c) stored as a shared prefix and
@@ -246,6 +252,47 @@ def repeat_batch(x, state, times):
     return x.repeat(times, 1, 1)
 
 
+def text_positions(tokens, calls, inserted_tokens=0):
+    """Token positions per text block of encoding ``tokens`` in these calls (index tensors of classes, one per
+    ``encode_text`` call): per call its shared prefix (plus ``inserted_tokens`` prompts) once and every class's
+    positions after it up to the call's longest EOT (the call is truncated there)."""
+    total = 0
+    for idx in calls:
+        part = tokens[idx]
+        shared = PromptedCLIP._shared_prefix_len(part)
+        total += shared + inserted_tokens + len(idx) * (int(part.argmax(dim=-1).max()) + 1 - shared)
+    return total
+
+
+def length_buckets(tokens, inserted_tokens=0, max_per_call=None):
+    """The classes (rows of ``tokens``) split into ``encode_text`` calls of at most ``max_per_call`` so that
+    shorter names stop at their own EOT: each call is truncated at its longest EOT, and the positions after a
+    sequence's EOT never reach its read-out under the causal mask (exact). Of three splits the one with the
+    fewest ``text_positions`` is returned: the classes in their order (the plain path), in EOT order, and in
+    groups of whole EOT lengths chosen by dynamic programming over that count."""
+    max_per_call = max_per_call or len(tokens)
+    eot = tokens.argmax(dim=-1)
+    shared = PromptedCLIP._shared_prefix_len(tokens)
+    lengths, counts = torch.unique(eot, return_counts=True)   # sorted by EOT position
+    lengths, before = lengths.tolist(), [0] + counts.cumsum(0).tolist()
+    best, cut = [0] + [float("inf")] * len(lengths), [0] * (len(lengths) + 1)
+    for k in range(1, len(lengths) + 1):          # best split of the k shortest EOT lengths
+        for j in range(k):                        # last group: EOT lengths j..k-1
+            n = before[k] - before[j]
+            calls = -(-n // max_per_call)
+            cost = best[j] + calls * (shared + inserted_tokens) + n * (lengths[k - 1] + 1 - shared)
+            if cost < best[k]:
+                best[k], cut[k] = cost, j
+    groups, k = [], len(lengths)
+    while k:
+        groups.append(((eot >= lengths[cut[k]]) & (eot <= lengths[k - 1])).nonzero().squeeze(1))
+        k = cut[k]
+    candidates = [list(torch.arange(len(tokens), device=tokens.device).split(max_per_call)),
+                  list(torch.sort(eot, stable=True).indices.split(max_per_call)),
+                  [idx for g in groups[::-1] for idx in g.split(max_per_call)]]
+    return min(candidates, key=lambda calls: text_positions(tokens, calls, inserted_tokens))
+
+
 # ---- the encoder --------------------------------------------------------------------------------
 
 class PromptedCLIP(nn.Module):
@@ -257,10 +304,12 @@ class PromptedCLIP(nn.Module):
     ``cache_bytes``: memory budget of the prompt-free text layer cache (least recently used entries go).
     ``cls_only_last_block``: when only the image feature is read (``encode_image`` without ``return_state``),
     the last vision block is computed at the cls position only (its keys and values still at every
-    position); exact, the outputs at the other positions are never read."""
+    position); exact, the outputs at the other positions are never read.
+    ``skip_replaced_outputs``: a vision block whose prompt outputs the hooks replace before the next block
+    (``TowerHooks.replaced_after``) computes only keys and values there; exact likewise."""
 
     def __init__(self, clip_model, truncate_text=True, cache_text_prefix=True, shared_text_prefix=True,
-                 cache_bytes=1 << 30, cls_only_last_block=True):
+                 cache_bytes=1 << 30, cls_only_last_block=True, skip_replaced_outputs=True):
         super().__init__()
         self.clip = clip_model
         for p in self.clip.parameters():
@@ -269,6 +318,7 @@ class PromptedCLIP(nn.Module):
         self.cache_text_prefix = cache_text_prefix
         self.shared_text_prefix = shared_text_prefix
         self.cls_only_last_block = cls_only_last_block
+        self.skip_replaced_outputs = skip_replaced_outputs
         self.cache_bytes = cache_bytes
         self._text_cache = OrderedDict()
         visual = clip_model.visual
@@ -333,6 +383,18 @@ class PromptedCLIP(nn.Module):
     def _run_block(self, block, x, causal, hooks, layer):
         h = block.ln_1(x)
         return self._finish_block(block, x, self._attention(block.attn, h, causal), h, hooks, layer)
+
+    def _run_block_skipping(self, block, x, n, hooks, layer):
+        """A vision block whose outputs at positions 1..n are replaced next: there it computes keys and values
+        only (every other position attends to them) and passes the input through as a placeholder."""
+        mha = block.attn
+        h = block.ln_1(x)
+        h_q, x_q = torch.cat([h[:, :1], h[:, 1 + n:]], dim=1), torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+        q, k, v = (self._heads(t, mha.num_heads) for t in self._split_qkv(mha, h_q, h))
+        attn = F.linear(self._merge_heads(F.scaled_dot_product_attention(q, k, v)), mha.out_proj.weight,
+                        mha.out_proj.bias)
+        y = self._finish_block(block, x_q, attn, h_q, hooks, layer)
+        return torch.cat([y[:, :1], x[:, 1:1 + n], y[:, 1:]], dim=1)
 
     @staticmethod
     def _split_qkv(mha, h_query, h_keys):
@@ -414,8 +476,11 @@ class PromptedCLIP(nn.Module):
         for layer in range(first, last + 1):
             if hooks is not None:
                 x = hooks.before_block(layer, x, state)
+            skip = hooks.replaced_after(layer) if self.skip_replaced_outputs and hooks is not None else 0
             if cls_last and layer == last:
                 x = self._run_block_cls(blocks[layer - 1], x, hooks, layer)
+            elif skip and not causal:
+                x = self._run_block_skipping(blocks[layer - 1], x, skip, hooks, layer)
             else:
                 x = self._run_block(blocks[layer - 1], x, causal, hooks, layer)
         return x

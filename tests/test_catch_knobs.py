@@ -18,8 +18,10 @@ PINNED_RUN_NEUTRAL = {
     "OUTPUT_DIR", "RESUME", "VERBOSE", "USE_CUDA", "DATASET.ROOT", "DATASET.CACHE_DIR", "DATALOADER.NUM_WORKERS",
     "DATALOADER.TEST.BATCH_SIZE", "TRAIN.PRINT_FREQ", "TRAIN.CHECKPOINT_FREQ", "MODEL.TRUNCATE_TEXT",
     "MODEL.TEXT_PREFIX_CACHE", "MODEL.SHARED_TEXT_PREFIX", "MODEL.CLS_ONLY_LAST_VISION_BLOCK",
-    "TRAINER.LAMP.TEXT_CHUNK", "TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD", "TRAINER.VAMP.MAX_TEXT_SEQS_WITH_GRAD",
+    "MODEL.SKIP_REPLACED_PROMPT_OUTPUTS", "TRAINER.LAMP.TEXT_CHUNK", "TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD", "TRAINER.VAMP.MAX_TEXT_SEQS_WITH_GRAD",
     "TRAINER.COCOOP.MAX_TEXT_BATCH",
+    # exact in arithmetic (classes encoded in groups of similar length; tests/test_exact_speedups.py)
+    "TRAINER.LAMP.TEXT_LENGTH_BUCKETS",
     # where the weights file lies: the weights themselves are identified by their sha256 (backbone.json,
     # engine.run_identity.check_backbone; tests/test_backbone_identity.py)
     "MODEL.BACKBONE.PATH",

@@ -23,13 +23,14 @@ def test_cls_only_last_vision_block_equals_every_position():
     assert n_flops[1] < n_flops[0]
 
 
-def one_step(trainer, on):
+def one_step(trainer, on, opts=("MODEL.CLS_ONLY_LAST_VISION_BLOCK",), classes=5):
     with tempfile.TemporaryDirectory() as tmp:
         args = argparse.Namespace(trainer=trainer, backbone="tiny", batch=3,
-                                  opts=["MODEL.CLS_ONLY_LAST_VISION_BLOCK", str(on)])
-        t = bench.build_trainer(args, bench.default_config_file(trainer), 5, tmp)
-        assert t.clip.cls_only_last_block is on
-        batch = bench.random_batch(t, 3, 5)
+                                  opts=[x for key in opts for x in (key, str(on))])
+        t = bench.build_trainer(args, bench.default_config_file(trainer), classes, tmp)
+        if opts == ("MODEL.CLS_ONLY_LAST_VISION_BLOCK",):
+            assert t.clip.cls_only_last_block is on
+        batch = bench.random_batch(t, 3, classes)
         t.set_model_mode("train")
         if hasattr(t, "prepare_benchmark"):
             t.prepare_benchmark(batch)
@@ -96,3 +97,96 @@ def test_lamp_frozen_query_pass_shares_the_prompt_free_blocks_and_stops_at_the_l
         t.clip.encode_image(images, upto=13)
     with pytest.raises(ValueError, match="cannot start at block 4"):
         t.clip.encode_image(None, TowerHooks(), start=(torch.zeros(2, 17, 64), 4))
+
+
+def test_length_buckets_partition_the_classes_by_eot_and_minimise_the_positions():
+    from engine.prompted_clip import length_buckets, text_positions
+    # shared prefix: BOT + 2 template tokens (3 positions); EOT at 4 (x4 classes), 5 (x2), 9 (x2)
+    eots = [4, 9, 4, 5, 4, 9, 4, 5]
+    tokens = torch.zeros(len(eots), 12, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1], tokens[:, 2] = 49406, 320, 1125
+    for row, e in enumerate(eots):
+        tokens[row, 3:e] = 100 + row
+        tokens[row, e] = 49407
+    # positions per text block, F = 3 + inserted tokens per call: three calls 3F + 4*2 + 2*3 + 2*7 = 3F + 28,
+    # {4, 5} {9}: 2F + 6*3 + 2*7 = 2F + 32, {4} {5, 9}: 2F + 36, one call (the plain path): F + 8*7 = F + 56
+    calls = length_buckets(tokens)                                                       # F = 3
+    assert [c.tolist() for c in calls] == [[0, 2, 4, 6], [3, 7], [1, 5]]
+    assert text_positions(tokens, calls) == 37 and text_positions(tokens, [torch.arange(8)]) == 59
+    assert [c.tolist() for c in length_buckets(tokens, inserted_tokens=8)] == [[0, 2, 3, 4, 6, 7], [1, 5]]
+    assert [c.tolist() for c in length_buckets(tokens, inserted_tokens=30)] == [list(range(8))]   # the plain path
+    # at most 2 classes per call (F = 11): the plain path's pairs cost 4F + 2*7 + 2*3 + 2*7 + 2*3 = 84, pairs of
+    # equal length 4F + 28 = 72
+    calls = length_buckets(tokens, 8, max_per_call=2)
+    assert [c.tolist() for c in calls] == [[0, 2], [4, 6], [3, 7], [1, 5]]
+    assert text_positions(tokens, calls, 8) == 72
+    assert text_positions(tokens, list(torch.arange(8).split(2)), 8) == 84
+
+
+@pytest.mark.parametrize("opts", [[], ["TRAINER.LAMP.USE_POOL", "False"], ["TRAINER.LAMP.TEXT_CHUNK", "6"]])
+def test_lamp_text_length_buckets_leave_the_step_and_the_logits_unchanged(opts):
+    """TRAINER.LAMP.TEXT_LENGTH_BUCKETS: the same loss, gradients and eval logits (round-off aside), fewer FLOPs
+    (40 classes with names of 1-3 words: EOT positions 7-9)."""
+    results = []
+    for on in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            args = argparse.Namespace(trainer="LAMP", backbone="tiny", batch=3,
+                                      opts=["TRAINER.LAMP.TEXT_LENGTH_BUCKETS", str(on)] + opts)
+            t = bench.build_trainer(args, bench.default_config_file("LAMP"), 40, tmp)
+        batch = bench.random_batch(t, 3, 40)
+        t.set_model_mode("train")
+        torch.manual_seed(1)
+        out = {}
+        flops = bench.count_flops(lambda: out.update(t.forward_backward(batch)))
+        grads = {n: p.grad.clone() for n, p in t.lamp.named_parameters() if p.grad is not None}
+        t.set_model_mode("eval")
+        with torch.no_grad():
+            logits = t.model_inference(batch["img"])
+        results.append((flops, out["loss"], grads, logits))
+    (f_plain, loss_plain, g_plain, l_plain), (f_fast, loss_fast, g_fast, l_fast) = results
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
+    assert g_plain and set(g_plain) == set(g_fast)
+    for name, g in g_plain.items():
+        assert torch.allclose(g_fast[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
+    assert torch.allclose(l_fast, l_plain, rtol=1e-5, atol=1e-5)
+    assert f_fast < f_plain
+
+
+def test_lamp_text_length_buckets_refuse_eot_classwise_selection():
+    from engine.config import ConfigError
+    with tempfile.TemporaryDirectory() as tmp, pytest.raises(ConfigError, match="TEXT_LENGTH_BUCKETS needs"):
+        args = argparse.Namespace(trainer="LAMP", backbone="tiny", batch=2,
+                                  opts=["TRAINER.LAMP.TEXT_LENGTH_BUCKETS", "True",
+                                        "TRAINER.LAMP.TEXT_SELECTION", "eot_classwise"])
+        bench.build_trainer(args, bench.default_config_file("LAMP"), 4, tmp)
+
+
+def test_skip_replaced_prompt_outputs_leaves_lamp_unchanged_and_saves_flops():
+    """MODEL.SKIP_REPLACED_PROMPT_OUTPUTS: LAMP's vision blocks before a LAMP layer compute only keys and
+    values at the prompt positions that layer replaces; loss and gradients as on the plain path, fewer FLOPs
+    (also with LAMP layers that are not contiguous: block 4 between layers 3 and 5)."""
+    for layers in (None, "[3, 5, 6]"):
+        extra = () if layers is None else ("TRAINER.LAMP.LAYERS",)
+        runs = []
+        for on in (False, True):
+            opts = ("MODEL.SKIP_REPLACED_PROMPT_OUTPUTS",)
+            with tempfile.TemporaryDirectory() as tmp:
+                args = argparse.Namespace(trainer="LAMP", backbone="tiny", batch=3,
+                                          opts=[opts[0], str(on)] + ([extra[0], layers] if extra else []))
+                t = bench.build_trainer(args, bench.default_config_file("LAMP"), 5, tmp)
+            assert t.clip.skip_replaced_outputs is on
+            if layers:
+                assert [t.lamp.vision_hooks.replaced_after(l) for l in range(1, 8)] == [0, 0, 0, 14, 14, 0, 0]
+            batch = bench.random_batch(t, 3, 5)
+            t.set_model_mode("train")
+            torch.manual_seed(1)
+            out = {}
+            flops = bench.count_flops(lambda: out.update(t.forward_backward(batch)))
+            grads = {n: p.grad.clone() for n, p in t.lamp.named_parameters() if p.grad is not None}
+            runs.append((flops, out["loss"], grads))
+        (f_plain, loss_plain, g_plain), (f_fast, loss_fast, g_fast) = runs
+        assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
+        assert g_plain and set(g_plain) == set(g_fast)
+        for name, g in g_plain.items():
+            assert torch.allclose(g_fast[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
+        assert f_fast < f_plain

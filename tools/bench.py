@@ -161,13 +161,17 @@ def count_flops(step_fn):
     return counter.get_total_flops()
 
 
-def gemm_peak_flops(device, dtype, size=2048, repeats=3):
-    """(FLOP/s, FLOP per process-CPU-second) of the fastest of ``repeats`` (size x size) @ (size x size)
-    matmuls at ``dtype`` (one warm-up)."""
+def gemm_peak_flops(device, dtype, size=2048, repeats=10, budget_s=3.0):
+    """(FLOP/s, FLOP per process-CPU-second) of the fastest of up to ``repeats`` (size x size) @ (size x size)
+    matmuls at ``dtype`` after one warm-up; at least two are timed, more while ``budget_s`` lasts (one slow
+    matmul, e.g. when another process takes the core, then does not set the peak)."""
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
     best, best_cpu = float("inf"), float("inf")
+    start = time.perf_counter()
     for i in range(repeats + 1):
+        if i > 2 and time.perf_counter() - start > budget_s:
+            break
         if device.type == "cuda":
             torch.cuda.synchronize()
         tic, cpu_tic = time.perf_counter(), time.process_time()

@@ -17,7 +17,8 @@ from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, register_config
 from engine.config import Block, Blocks, Bool, Choice, Float, Int, PerDataset, PRECISIONS, Str, declare_keys  # noqa: F401
-from engine.prompted_clip import TowerHooks, as_tensor, insert_after_first, repeat_batch, replace_after_first
+from engine.prompted_clip import (TowerHooks, as_tensor, insert_after_first, length_buckets, repeat_batch,
+                                  replace_after_first)
 from engine.registry import TRAINER_REGISTRY, MethodInfo
 from engine.steps import micro_batched_step
 from engine.trainer import TrainerX
@@ -54,6 +55,9 @@ def add_lamp_config(cfg):
     c.NEW_BIAS_GAMMA = -1.0   # constant step of the adaptation pass; < 0: GAMMA0 (so a gamma sweep moves both)
     c.NEW_BIAS_LONG_TAILED = True  # adapt on the new-class train split as §2.5 defines it (100-cap + the same
     # down-sampling); False: the capped split without down-sampling
+    # encode the classes in groups of similar token length, each cut after its own longest EOT (exact in
+    # arithmetic, not in round-off: other GEMM shapes, so opt-in like MODEL.CLS_ONLY_LAST_VISION_BLOCK)
+    c.TEXT_LENGTH_BUCKETS = False
     c.TEXT_CHUNK = 4096       # max text sequences (images x classes) per text-encoder call without gradient
     c.MAX_TEXT_SEQS_WITH_GRAD = 8192  # training: images are split into micro-batches (gradients accumulated,
     # one optimizer step and one LBO update per batch) so that at most this many text sequences keep
@@ -66,12 +70,16 @@ def add_lamp_config(cfg):
         GAMMA_SCHEDULE=Choice("cosine", "constant"), QUERY_SOURCE=Choice("layer_cls", "frozen_cls"),
         KEY_TYPE=Choice("projected", "learned"), TEXT_SELECTION=Choice("paired", "eot_classwise"),
         TRAIN_CLASSNAMES=Choice("base", "all"), NEW_BIAS_ADAPT=Bool(), NEW_BIAS_BATCH=Int(1), NEW_BIAS_EPOCHS=Int(1),
-        NEW_BIAS_GAMMA=Float(), NEW_BIAS_LONG_TAILED=Bool(), TEXT_CHUNK=Int(1), MAX_TEXT_SEQS_WITH_GRAD=Int(1),
+        NEW_BIAS_GAMMA=Float(), NEW_BIAS_LONG_TAILED=Bool(), TEXT_LENGTH_BUCKETS=Bool(), TEXT_CHUNK=Int(1),
+        MAX_TEXT_SEQS_WITH_GRAD=Int(1),
         PREC=Choice(*PRECISIONS),
         relations=[lambda c, cfg: None if not c.USE_POOL or c.TOP_K <= c.POOL_SIZE else
                    f"TOP_K ({c.TOP_K}) must be <= POOL_SIZE ({c.POOL_SIZE}): K entries are retrieved from a pool of M",
                    lambda c, cfg: None if c.USE_POOL or c.USE_MSP else
-                   "USE_POOL and USE_MSP are both off, so there is nothing to learn"])
+                   "USE_POOL and USE_MSP are both off, so there is nothing to learn",
+                   lambda c, cfg: None if not (c.TEXT_LENGTH_BUCKETS and c.USE_POOL and c.TEXT_SELECTION != "paired")
+                   else "TEXT_LENGTH_BUCKETS needs TEXT_SELECTION paired (eot_classwise records its text retrievals "
+                        "over all classes in one call)"])
 
 
 def _projector(dim, hidden, width):
@@ -149,6 +157,11 @@ class LampPrompts(nn.Module):
     @property
     def k(self):
         return self.cfg.TOP_K
+
+    def tokens_per_layer(self):
+        """Prompt tokens each LAMP layer puts into a sequence."""
+        c = self.cfg
+        return c.TOP_K * c.POOL_TOKENS * c.USE_POOL + c.SHARED_TOKENS * c.USE_MSP
 
     def layer(self, l):
         return self.layers[str(l)]
@@ -246,6 +259,11 @@ class _LampHooks(TowerHooks):
 
 
 class _VisionHooks(_LampHooks):
+    def replaced_after(self, l):
+        """Every LAMP layer after the first replaces the prompt positions the blocks before it produced."""
+        o = self.owner
+        return o.tokens_per_layer() if l >= o.layer_ids[0] and str(l + 1) in o.layers else 0
+
     def prompt(self, o, layer, first, l, x, state):
         idx = None
         if o.cfg.USE_POOL:
@@ -282,7 +300,8 @@ class _TextHooks(_LampHooks):
 
 METHOD = MethodInfo(
     configs={"b2n": "vit_b16_lt_b2n", "fewshot": "vit_b16_fewshot", "xd": "vit_b16_xd"},
-    run_neutral=("TRAINER.LAMP.TEXT_CHUNK", "TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD"),
+    run_neutral=("TRAINER.LAMP.TEXT_CHUNK", "TRAINER.LAMP.MAX_TEXT_SEQS_WITH_GRAD",
+                 "TRAINER.LAMP.TEXT_LENGTH_BUCKETS"),
     bench_images_per_backward=lambda trainer, batch, classes: trainer.images_per_micro_batch(batch, classes))
 
 
@@ -344,13 +363,22 @@ class LAMP(TrainerX):
         return states
 
     def encode_texts(self, tokens, batch):
-        """(B, C, D) for paired selection, (C, D) for class-wise selection; classes in chunks."""
-        paired = self.lamp.cfg.USE_POOL and self.lamp.cfg.TEXT_SELECTION == "paired"
-        per_call = max(1, self.lamp.cfg.TEXT_CHUNK // batch) if paired else len(tokens)
-        feats = [self.clip.encode_text(chunk, self.lamp.text_hooks) for chunk in tokens.split(per_call)]
-        if paired:
-            return torch.cat([f.view(batch, -1, f.shape[-1]) for f in feats], dim=1)
-        return torch.cat(feats)
+        """(B, C, D) for paired selection, (C, D) otherwise; classes in chunks, and with TEXT_LENGTH_BUCKETS in
+        groups of similar length (each truncated at its own longest EOT; not with eot_classwise selection,
+        whose retrievals are recorded per call)."""
+        c = self.lamp.cfg
+        paired = c.USE_POOL and c.TEXT_SELECTION == "paired"
+        per_call = max(1, c.TEXT_CHUNK // batch) if paired else len(tokens)
+        calls = length_buckets(tokens, self.lamp.tokens_per_layer(), per_call) if c.TEXT_LENGTH_BUCKETS else None
+        parts = tokens.split(per_call) if calls is None else [tokens[idx] for idx in calls]
+        feats = [self.clip.encode_text(part, self.lamp.text_hooks) for part in parts]
+        feats = torch.cat([f.view(batch, -1, f.shape[-1]) for f in feats], dim=1) if paired else torch.cat(feats)
+        if calls is not None:
+            order = torch.cat(calls)
+            restore = torch.empty_like(order)
+            restore[order] = torch.arange(len(order), device=order.device)
+            feats = feats[:, restore] if paired else feats[restore]
+        return feats
 
     def logits(self, images, tokens):
         image_features = self.encode_images(images)
