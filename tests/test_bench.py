@@ -138,3 +138,21 @@ def test_timing_only_skips_the_counts(tmp_path, capsys):
     assert "utilisation:" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="--timing-only"):
         bench.main(["--trainer", "CoOp", "--backbone", "tiny", "--timing-only", "--profile"])
+
+
+def test_versus_compares_two_settings_in_one_run(tmp_path, capsys):
+    """--versus: both settings' steps alternated in one process; the JSON has both times, the speed-up and the
+    FLOPs, and the knob under test shows (the cls-only last vision block does fewer FLOPs)."""
+    out = tmp_path / "versus.json"
+    assert bench.main(["--trainer", "CoOp", "--backbone", "tiny", "--batch", "2", "--classes", "3", "--steps", "2",
+                       "--warmup", "0", "--out", str(out), "--versus", "MODEL.CLS_ONLY_LAST_VISION_BLOCK True"]) == 0
+    fig = json.loads(out.read_text())
+    assert fig["versus"] == ["MODEL.CLS_ONLY_LAST_VISION_BLOCK", "True"] and fig["steps_each"] == 2
+    assert fig["speedup"] == pytest.approx(fig["ms_per_step"] / fig["versus_ms_per_step"])
+    assert fig["versus_flops_per_step"] < fig["flops_per_step"]
+    text = capsys.readouterr().out
+    assert "speed-up" in text and "alternated" in text
+    with pytest.raises(ValueError, match="KEY VALUE pairs"):
+        bench.main(["--trainer", "CoOp", "--backbone", "tiny", "--versus", "MODEL.CLS_ONLY_LAST_VISION_BLOCK"])
+    with pytest.raises(ValueError, match="takes neither"):
+        bench.main(["--trainer", "CoOp", "--backbone", "tiny", "--versus", "A 1", "--profile"])

@@ -288,6 +288,75 @@ def estimate_peak(trainer, per_seq, per_image, batch, classes, text_per_image=Tr
     return model + 4 * trainable + images * per_image + seqs * per_seq, images, seqs
 
 
+def benchmark_step(trainer, args):
+    """(step kind, step function) of a trainer built by ``build_trainer``: a training step on a random batch,
+    prepared as the method's registry entry says; a method with nothing to train (zero-shot CLIP) has no
+    training step, so its inference is timed instead."""
+    batch = random_batch(trainer, args.batch, args.classes)
+    trainer.set_model_mode("train")
+    prepare = TRAINER_REGISTRY.info(args.trainer).bench_prepare
+    if prepare is not None:
+        prepare(trainer, batch)
+    if trainer.count_trainable_parameters():
+        return "training", lambda: trainer.forward_backward(batch)
+    trainer.set_model_mode("eval")
+    trainer.before_test()
+    return "inference", torch.no_grad()(lambda: trainer.model_inference(batch["img"].to(trainer.device)))
+
+
+def timed_step(step_fn, device):
+    """(wall ms, process CPU ms) of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tic, cpu_tic = time.perf_counter(), time.process_time()
+    step_fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - tic) * 1000, (time.process_time() - cpu_tic) * 1000
+
+
+def compare_steps(args, config_file, out):
+    """--versus: the step with the given opts against the step with ``opts + versus``, two trainers in one
+    process with their steps alternated (A B B A ...), so that both see the same machine state."""
+    versus = args.versus.split()
+    if not versus or len(versus) % 2:
+        raise ValueError(f"--versus takes KEY VALUE pairs in one string, got '{args.versus}'")
+    sides = []
+    for i, extra in enumerate(([], versus)):
+        side_args = argparse.Namespace(**{**vars(args), "opts": list(args.opts or []) + extra})
+        trainer = build_trainer(side_args, config_file, args.classes, os.path.join(out, str(i)))
+        sides.append((trainer, *benchmark_step(trainer, side_args)))
+    for _ in range(args.warmup):
+        for trainer, _, step_fn in sides:
+            step_fn()
+    times = [[], []]
+    for r in range(args.steps):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[i].append(timed_step(sides[i][2], sides[i][0].device))
+    wall = [statistics.median(t[0] for t in side) for side in times]
+    cpu = [statistics.median(t[1] for t in side) for side in times]
+    figures = {"trainer": args.trainer, "config": os.path.basename(config_file), "backbone": args.backbone,
+               "device": str(sides[0][0].device), "precision": sides[0][0].precision, "batch": args.batch,
+               "classes": args.classes, "opts": list(args.opts or []), "versus": versus, "step_kind": sides[0][1],
+               "steps_each": args.steps, "ms_per_step": wall[0], "versus_ms_per_step": wall[1],
+               "speedup": wall[0] / wall[1], "cpu_ms_per_step": cpu[0], "versus_cpu_ms_per_step": cpu[1],
+               "threads": torch.get_num_threads()}
+    print(f"trainer            {args.trainer} ({os.path.basename(config_file)}), {args.backbone} on "
+          f"{sides[0][0].device} ({sides[0][0].precision}), batch {args.batch}, {args.classes} classes")
+    print(f"same run           {args.steps} {sides[0][1]} steps of each, alternated (A B B A ...), "
+          f"{args.warmup} warm-up each, {torch.get_num_threads()} threads")
+    print(f"ms / step          {wall[0]:.1f} as given; {wall[1]:.1f} with {' '.join(versus)}")
+    print(f"speed-up           {wall[0] / wall[1]:.3f}x (process CPU time: {cpu[0] / cpu[1]:.3f}x)")
+    if not args.timing_only:
+        flops = [count_flops(step_fn) for _, _, step_fn in sides]
+        figures.update(flops_per_step=flops[0], versus_flops_per_step=flops[1])
+        print(f"GFLOP / step       {flops[0] / 1e9:.1f} as given; {flops[1] / 1e9:.1f} with the versus opts "
+              f"({flops[0] / flops[1]:.3f}x)")
+    if args.out:
+        atomic_write_json(figures, args.out)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainer", required=True)
@@ -308,6 +377,9 @@ def main(argv=None):
                         "bytes (each of those runs the step again)")
     p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the GEMM peak micro-benchmark")
     p.add_argument("--out", default="", help="also write the figures as JSON to this file")
+    p.add_argument("--versus", default="", metavar="'KEY VALUE ...'",
+                   help="compare the step with these config opts added against the step without them: both trainers "
+                        "in one process, steps alternated; prints both step times, the speed-up and the FLOP ratio")
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
 
@@ -319,40 +391,28 @@ def main(argv=None):
     if args.batch < 1 or args.classes < 1 or args.steps < 1 or args.warmup < 0 or args.peak_size < 1:
         raise ValueError(f"--batch, --classes, --steps and --peak-size must be >= 1 and --warmup >= 0, got "
                          f"{args.batch}, {args.classes}, {args.steps}, {args.peak_size}, {args.warmup}")
+    if args.versus and (args.profile or args.estimate_for or args.params_only):
+        raise ValueError("--versus compares step times and FLOPs only: it takes neither --profile, --estimate-for "
+                         "nor --params-only")
     config_file = args.config_file or default_config_file(args.trainer)
     with tempfile.TemporaryDirectory() as out:
+        if args.versus:
+            return compare_steps(args, config_file, out)
         trainer = build_trainer(args, config_file, args.classes, out)
         n_params = trainer.count_trainable_parameters()
         if args.params_only:
             print(n_params)
             return 0
-        batch = random_batch(trainer, args.batch, args.classes)
-        trainer.set_model_mode("train")
-        prepare = TRAINER_REGISTRY.info(args.trainer).bench_prepare
-        if prepare is not None:
-            prepare(trainer, batch)
-        # A method with nothing to train (zero-shot CLIP) has no training step: time its inference instead.
-        step_kind = "training" if n_params else "inference"
-        if n_params:
-            step_fn = lambda: trainer.forward_backward(batch)  # noqa: E731
-        else:
-            trainer.set_model_mode("eval")
-            trainer.before_test()
-            step_fn = torch.no_grad()(lambda: trainer.model_inference(batch["img"].to(trainer.device)))
+        step_kind, step_fn = benchmark_step(trainer, args)
         times, cpu_times = [], []
         resident = current_memory_mb(trainer.device)  # model, data and optimizer, before any step
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for step in range(args.warmup + args.steps):
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            tic, cpu_tic = time.perf_counter(), time.process_time()
-            step_fn()
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
+            wall_ms, cpu_ms = timed_step(step_fn, trainer.device)
             if step >= args.warmup:
-                times.append((time.perf_counter() - tic) * 1000)
-                cpu_times.append((time.process_time() - cpu_tic) * 1000)
+                times.append(wall_ms)
+                cpu_times.append(cpu_ms)
         peak = peak_memory_mb(trainer.device)
         figures = {"trainer": args.trainer, "config": os.path.basename(config_file), "backbone": args.backbone,
                    "device": str(trainer.device), "precision": trainer.precision, "batch": args.batch,
