@@ -43,10 +43,14 @@ def test_cpu_smoke_runs_every_section_within_five_minutes(tmp_path):
     assert all(r["flops_per_step"] > 0 and r["peak_share"] > 0 for r in report["utilisation"])
     assert [r["trainer"] for r in report["memory"]] == ["LAMP", "VaMP"]
     assert all(r["precision"] == "bf16" and r["real_peak_mib"] > 0 and r["estimate_mib"] > 0 for r in report["memory"])
-    assert [r["method"] for r in report["table5"]] == ["MaPLe", "MMA", "LAMP"]
+    assert [r["method"] for r in report["table5"]] == ["MaPLe", "MaPLe (exact switches on)", "MMA", "LAMP",
+                                                        "LAMP (exact switches on)"]
     assert all(r["classes"] == 5 and r["batch"] == 4 for r in report["table5"])
-    ratio = report["table5"][2]["ms_per_step"] / report["table5"][0]["ms_per_step"]
+    assert report["table5"][4]["opts"][-2:] == ["TRAINER.LAMP.TEXT_LENGTH_BUCKETS", "True"]
+    ratio = report["table5"][3]["ms_per_step"] / report["table5"][0]["ms_per_step"]
     assert report["lamp_over_maple"] == pytest.approx(ratio)
+    ratio = report["table5"][4]["ms_per_step"] / report["table5"][1]["ms_per_step"]
+    assert report["lamp_over_maple_switches"] == pytest.approx(ratio)
     for heading in ("## 1. bf16 / amp against fp32", "## 2. Utilisation in bf16", "## 3. Cross-dataset memory",
                     "## 4. Table 5's setting", "## 5. Step-time files", "LAMP / MaPLe step time"):
         assert heading in md
