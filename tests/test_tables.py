@@ -725,3 +725,22 @@ def test_average_and_dry_run_totals_with_a_dataset_missing_or_a_unit_finished(tm
     _write_result(second.steps[0], "base", 70, 60, 2)               # trained, not evaluated yet
     assert second.state() == "partial"
     assert plan.totals()["training_steps_left"] == totals["training_steps_left"] - second.train_steps
+
+
+def test_a_slurm_lane_uses_the_cpus_of_its_job(monkeypatch):
+    """SLURM_CPUS_PER_TASK sets torch's threads in a job unless OMP_NUM_THREADS is set (a one-node cluster
+    without task pinning otherwise runs every job with one thread per core)."""
+    import torch
+    from tools.tables.launcher import run_lane
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+        torch.set_num_threads(2)
+        assert run_lane([], 0) == [] and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        run_lane([], 0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

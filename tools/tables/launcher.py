@@ -112,9 +112,15 @@ def run_unit(unit, lane):
 
 
 def run_lane(units, lane):
-    """A job's body: every given unit in order (a failed or busy unit does not stop the others)."""
+    """A job's body: every given unit in order (a failed or busy unit does not stop the others). In a SLURM job
+    torch uses the CPUs the job was given (SLURM_CPUS_PER_TASK) unless OMP_NUM_THREADS says otherwise: where
+    the cluster does not pin tasks to CPUs, torch would start one thread per core of the node in every job."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and int(cpus) > 0 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+        torch.set_num_threads(int(cpus))
     return [run_unit(u, lane) for u in units]
 
 
