@@ -23,13 +23,14 @@ def test_cls_only_last_vision_block_equals_every_position():
     assert n_flops[1] < n_flops[0]
 
 
-def one_step(trainer, on, opts=("MODEL.CLS_ONLY_LAST_VISION_BLOCK",), classes=5):
+def one_step(trainer, opts, classes=5, check=None):
+    """(FLOPs, loss, gradients, eval logits) of one training step of the tiny-backbone trainer with ``opts``;
+    ``check(trainer)`` runs on the built trainer first."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = argparse.Namespace(trainer=trainer, backbone="tiny", batch=3,
-                                  opts=[x for key in opts for x in (key, str(on))])
+        args = argparse.Namespace(trainer=trainer, backbone="tiny", batch=3, opts=list(opts))
         t = bench.build_trainer(args, bench.default_config_file(trainer), classes, tmp)
-        if opts == ("MODEL.CLS_ONLY_LAST_VISION_BLOCK",):
-            assert t.clip.cls_only_last_block is on
+        if check is not None:
+            check(t)
         batch = bench.random_batch(t, 3, classes)
         t.set_model_mode("train")
         if hasattr(t, "prepare_benchmark"):
@@ -39,21 +40,35 @@ def one_step(trainer, on, opts=("MODEL.CLS_ONLY_LAST_VISION_BLOCK",), classes=5)
         flops = bench.count_flops(lambda: out.update(t.forward_backward(batch)))
         grads = {f"{name}.{n}": p.grad.clone() for name, m in t._models.items() for n, p in m.named_parameters()
                  if p.grad is not None}
-        return flops, out["loss"], grads
+        t.set_model_mode("eval")
+        with torch.no_grad():
+            t.before_test()
+            logits = t.model_inference(batch["img"])
+        return flops, out["loss"], grads, logits
+
+
+def assert_same_step_fewer_flops(plain, fast):
+    """Loss and gradients (round-off of a different GEMM shape aside; Adam's first step would amplify the
+    round-off of near-zero gradients to +-lr, so the update is not compared), eval logits, and fewer FLOPs."""
+    (f_plain, loss_plain, g_plain, l_plain), (f_fast, loss_fast, g_fast, l_fast) = plain, fast
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
+    assert g_plain and set(g_plain) == set(g_fast)
+    for name, g in g_plain.items():
+        assert torch.allclose(g_fast[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
+    assert torch.allclose(l_fast, l_plain, rtol=1e-5, atol=1e-5)
+    assert f_fast < f_plain
 
 
 # Not LFA: its closed-form (Procrustes) init on the tiny batch amplifies the round-off of the other GEMM shape to
 # a 3e-3 relative change of its first loss (measured), one reason the switch is off by default.
 @pytest.mark.parametrize("trainer", ["CoOp", "CoCoOp", "MaPLe", "MMA", "LAMP", "TCP", "VaMP", "Candle", "MMLoP"])
 def test_a_training_step_is_unchanged_by_the_cls_only_last_vision_block(trainer):
-    """Loss and gradients (round-off of a different GEMM shape aside; Adam's first step would amplify the
-    round-off of near-zero gradients to +-lr, so the update is not compared) and fewer FLOPs."""
-    (f_plain, loss_plain, g_plain), (f_fast, loss_fast, g_fast) = one_step(trainer, False), one_step(trainer, True)
-    assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
-    assert g_plain and set(g_plain) == set(g_fast)
-    for name, g in g_plain.items():
-        assert torch.allclose(g_fast[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
-    assert f_fast < f_plain
+    runs = []
+    for on in (False, True):
+        def check(t):
+            assert t.clip.cls_only_last_block is on
+        runs.append(one_step(trainer, ["MODEL.CLS_ONLY_LAST_VISION_BLOCK", str(on)], check=check))
+    assert_same_step_fewer_flops(*runs)
 
 
 def test_lamp_frozen_query_pass_shares_the_prompt_free_blocks_and_stops_at_the_last_lamp_layer():
@@ -125,31 +140,9 @@ def test_length_buckets_partition_the_classes_by_eot_and_minimise_the_positions(
 
 @pytest.mark.parametrize("opts", [[], ["TRAINER.LAMP.USE_POOL", "False"], ["TRAINER.LAMP.TEXT_CHUNK", "6"]])
 def test_lamp_text_length_buckets_leave_the_step_and_the_logits_unchanged(opts):
-    """TRAINER.LAMP.TEXT_LENGTH_BUCKETS: the same loss, gradients and eval logits (round-off aside), fewer FLOPs
-    (40 classes with names of 1-3 words: EOT positions 7-9)."""
-    results = []
-    for on in (False, True):
-        with tempfile.TemporaryDirectory() as tmp:
-            args = argparse.Namespace(trainer="LAMP", backbone="tiny", batch=3,
-                                      opts=["TRAINER.LAMP.TEXT_LENGTH_BUCKETS", str(on)] + opts)
-            t = bench.build_trainer(args, bench.default_config_file("LAMP"), 40, tmp)
-        batch = bench.random_batch(t, 3, 40)
-        t.set_model_mode("train")
-        torch.manual_seed(1)
-        out = {}
-        flops = bench.count_flops(lambda: out.update(t.forward_backward(batch)))
-        grads = {n: p.grad.clone() for n, p in t.lamp.named_parameters() if p.grad is not None}
-        t.set_model_mode("eval")
-        with torch.no_grad():
-            logits = t.model_inference(batch["img"])
-        results.append((flops, out["loss"], grads, logits))
-    (f_plain, loss_plain, g_plain, l_plain), (f_fast, loss_fast, g_fast, l_fast) = results
-    assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
-    assert g_plain and set(g_plain) == set(g_fast)
-    for name, g in g_plain.items():
-        assert torch.allclose(g_fast[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
-    assert torch.allclose(l_fast, l_plain, rtol=1e-5, atol=1e-5)
-    assert f_fast < f_plain
+    """TRAINER.LAMP.TEXT_LENGTH_BUCKETS (40 classes with names of 1-3 words: EOT positions 7-9)."""
+    assert_same_step_fewer_flops(*(one_step("LAMP", ["TRAINER.LAMP.TEXT_LENGTH_BUCKETS", str(on)] + opts, 40)
+                                   for on in (False, True)))
 
 
 def test_lamp_text_length_buckets_refuse_eot_classwise_selection():
@@ -163,30 +156,14 @@ def test_lamp_text_length_buckets_refuse_eot_classwise_selection():
 
 def test_skip_replaced_prompt_outputs_leaves_lamp_unchanged_and_saves_flops():
     """MODEL.SKIP_REPLACED_PROMPT_OUTPUTS: LAMP's vision blocks before a LAMP layer compute only keys and
-    values at the prompt positions that layer replaces; loss and gradients as on the plain path, fewer FLOPs
-    (also with LAMP layers that are not contiguous: block 4 between layers 3 and 5)."""
-    for layers in (None, "[3, 5, 6]"):
-        extra = () if layers is None else ("TRAINER.LAMP.LAYERS",)
+    values at the prompt positions that layer replaces (also with LAMP layers that are not contiguous: block 4
+    between layers 3 and 5)."""
+    for layers in ([], ["TRAINER.LAMP.LAYERS", "[3, 5, 6]"]):
         runs = []
         for on in (False, True):
-            opts = ("MODEL.SKIP_REPLACED_PROMPT_OUTPUTS",)
-            with tempfile.TemporaryDirectory() as tmp:
-                args = argparse.Namespace(trainer="LAMP", backbone="tiny", batch=3,
-                                          opts=[opts[0], str(on)] + ([extra[0], layers] if extra else []))
-                t = bench.build_trainer(args, bench.default_config_file("LAMP"), 5, tmp)
-            assert t.clip.skip_replaced_outputs is on
-            if layers:
-                assert [t.lamp.vision_hooks.replaced_after(l) for l in range(1, 8)] == [0, 0, 0, 14, 14, 0, 0]
-            batch = bench.random_batch(t, 3, 5)
-            t.set_model_mode("train")
-            torch.manual_seed(1)
-            out = {}
-            flops = bench.count_flops(lambda: out.update(t.forward_backward(batch)))
-            grads = {n: p.grad.clone() for n, p in t.lamp.named_parameters() if p.grad is not None}
-            runs.append((flops, out["loss"], grads))
-        (f_plain, loss_plain, g_plain), (f_fast, loss_fast, g_fast) = runs
-        assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
-        assert g_plain and set(g_plain) == set(g_fast)
-        for name, g in g_plain.items():
-            assert torch.allclose(g_fast[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
-        assert f_fast < f_plain
+            def check(t):
+                assert t.clip.skip_replaced_outputs is on
+                if layers:
+                    assert [t.lamp.vision_hooks.replaced_after(l) for l in range(1, 8)] == [0, 0, 0, 14, 14, 0, 0]
+            runs.append(one_step("LAMP", ["MODEL.SKIP_REPLACED_PROMPT_OUTPUTS", str(on)] + layers, check=check))
+        assert_same_step_fewer_flops(*runs)
