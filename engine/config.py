@@ -222,6 +222,9 @@ def _base_defaults():
     # likewise opt-in: a vision block whose prompt outputs the method replaces before the next block computes
     # only their keys and values (LAMP's prompts at every LAMP layer but the last)
     _C.MODEL.SKIP_REPLACED_PROMPT_OUTPUTS = False
+    # torch.compile every block's MLP branch (one compiled function shared by all blocks of both towers):
+    # elementwise work fused, round-off differs slightly, the first steps pay the compile; opt-in
+    _C.MODEL.COMPILE_MLP = False
 
     # ---------------- Optimization
     _C.OPTIM = CN()

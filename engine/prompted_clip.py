@@ -293,6 +293,25 @@ def length_buckets(tokens, inserted_tokens=0, max_per_call=None):
     return min(candidates, key=lambda calls: text_positions(tokens, calls, inserted_tokens))
 
 
+def _mlp_residual(y, ln_w, ln_b, fc_w, fc_b, proj_w, proj_b, eps):
+    """y + c_proj(QuickGELU(c_fc(ln_2(y)))), CLIP's MLP branch with its residual (LayerNorm in fp32 as CLIP's
+    LayerNorm does), as one function of tensors: compiled once, it serves every block of both towers."""
+    h = F.layer_norm(y.float(), (y.shape[-1],), ln_w, ln_b, eps).to(y.dtype)
+    h = F.linear(h, fc_w, fc_b)
+    return y + F.linear(h * torch.sigmoid(1.702 * h), proj_w, proj_b)
+
+
+_COMPILED = {}
+
+
+def compiled_mlp_residual():
+    """``torch.compile`` of ``_mlp_residual`` (dynamic shapes: sequence lengths and batch sizes vary), built on
+    first use."""
+    if "mlp" not in _COMPILED:
+        _COMPILED["mlp"] = torch.compile(_mlp_residual, dynamic=True)
+    return _COMPILED["mlp"]
+
+
 # ---- the encoder --------------------------------------------------------------------------------
 
 class PromptedCLIP(nn.Module):
@@ -306,10 +325,12 @@ class PromptedCLIP(nn.Module):
     the last vision block is computed at the cls position only (its keys and values still at every
     position); exact, the outputs at the other positions are never read.
     ``skip_replaced_outputs``: a vision block whose prompt outputs the hooks replace before the next block
-    (``TowerHooks.replaced_after``) computes only keys and values there; exact likewise."""
+    (``TowerHooks.replaced_after``) computes only keys and values there; exact likewise.
+    ``compile_mlp``: every block's MLP branch (LayerNorm, c_fc, QuickGELU, c_proj, residual) runs as one
+    ``torch.compile``d function of its tensors (elementwise work fused; round-off differs slightly)."""
 
     def __init__(self, clip_model, truncate_text=True, cache_text_prefix=True, shared_text_prefix=True,
-                 cache_bytes=1 << 30, cls_only_last_block=True, skip_replaced_outputs=True):
+                 cache_bytes=1 << 30, cls_only_last_block=True, skip_replaced_outputs=True, compile_mlp=False):
         super().__init__()
         self.clip = clip_model
         for p in self.clip.parameters():
@@ -319,6 +340,14 @@ class PromptedCLIP(nn.Module):
         self.shared_text_prefix = shared_text_prefix
         self.cls_only_last_block = cls_only_last_block
         self.skip_replaced_outputs = skip_replaced_outputs
+        self.compile_mlp = compile_mlp
+        if compile_mlp:
+            blocks = list(clip_model.transformer.resblocks)
+            if hasattr(clip_model.visual, "transformer"):
+                blocks += list(clip_model.visual.transformer.resblocks)
+            activations = {type(b.mlp.gelu).__name__ for b in blocks}
+            if activations != {"QuickGELU"}:
+                raise ValueError(f"compile_mlp computes CLIP's QuickGELU MLP; this backbone's blocks use {activations}")
         self.cache_bytes = cache_bytes
         self._text_cache = OrderedDict()
         visual = clip_model.visual
@@ -370,10 +399,13 @@ class PromptedCLIP(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return F.linear(self._merge_heads(out), mha.out_proj.weight, mha.out_proj.bias)
 
-    @staticmethod
-    def _finish_block(block, x, attn, h, hooks, layer):
+    def _finish_block(self, block, x, attn, h, hooks, layer):
         y = x + attn
-        y = y + block.mlp(block.ln_2(y))
+        if self.compile_mlp:
+            ln, fc, proj = block.ln_2, block.mlp.c_fc, block.mlp.c_proj
+            y = compiled_mlp_residual()(y, ln.weight, ln.bias, fc.weight, fc.bias, proj.weight, proj.bias, ln.eps)
+        else:
+            y = y + block.mlp(block.ln_2(y))
         if hooks is not None:
             extra = hooks.adapter(layer, h)
             if extra is not None:

@@ -127,7 +127,8 @@ class TrainerX:
                            cache_text_prefix=self.cfg.MODEL.TEXT_PREFIX_CACHE,
                            shared_text_prefix=self.cfg.MODEL.SHARED_TEXT_PREFIX,
                            cls_only_last_block=self.cfg.MODEL.CLS_ONLY_LAST_VISION_BLOCK,
-                           skip_replaced_outputs=self.cfg.MODEL.SKIP_REPLACED_PROMPT_OUTPUTS)
+                           skip_replaced_outputs=self.cfg.MODEL.SKIP_REPLACED_PROMPT_OUTPUTS,
+                           compile_mlp=self.cfg.MODEL.COMPILE_MLP)
         return enc.to(self.device)
 
     def check_input_size(self):

@@ -167,3 +167,39 @@ def test_skip_replaced_prompt_outputs_leaves_lamp_unchanged_and_saves_flops():
                     assert [t.lamp.vision_hooks.replaced_after(l) for l in range(1, 8)] == [0, 0, 0, 14, 14, 0, 0]
             runs.append(one_step("LAMP", ["MODEL.SKIP_REPLACED_PROMPT_OUTPUTS", str(on)] + layers, check=check))
         assert_same_step_fewer_flops(*runs)
+
+
+def test_compiled_mlp_gives_the_same_step_and_is_used(monkeypatch):
+    """MODEL.COMPILE_MLP: every block's MLP branch runs through the one torch.compile'd function (counted), and
+    the step's loss, gradients and eval logits equal the eager path's within round-off."""
+    from engine import prompted_clip
+    calls = []
+    real = prompted_clip.compiled_mlp_residual
+
+    def counting():
+        fn = real()
+        return lambda *args: calls.append(1) or fn(*args)
+
+    monkeypatch.setattr(prompted_clip, "compiled_mlp_residual", counting)
+    plain = one_step("CoOp", ["MODEL.COMPILE_MLP", "False"])
+    assert not calls
+
+    def check(t):
+        assert t.clip.compile_mlp
+
+    compiled = one_step("CoOp", ["MODEL.COMPILE_MLP", "True"], check=check)
+    assert len(calls) >= 12 + 12   # the tiny CLIP's text and vision blocks, in the step alone
+    (f_plain, loss_plain, g_plain, l_plain), (f_comp, loss_comp, g_comp, l_comp) = plain, compiled
+    assert loss_comp == pytest.approx(loss_plain, rel=1e-5)
+    assert g_plain and set(g_plain) == set(g_comp)
+    for name, g in g_plain.items():
+        assert torch.allclose(g_comp[name], g, rtol=1e-3, atol=1e-5 * float(g.abs().max())), name
+    assert torch.allclose(l_comp, l_plain, rtol=1e-4, atol=1e-4)
+    assert f_comp == f_plain   # the same matmuls, only fused around them
+
+
+def test_compiled_mlp_refuses_a_backbone_with_another_activation():
+    model = load_clip("tiny")
+    model.transformer.resblocks[0].mlp.gelu = torch.nn.GELU()
+    with pytest.raises(ValueError, match="QuickGELU"):
+        PromptedCLIP(model, compile_mlp=True)
