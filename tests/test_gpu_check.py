@@ -44,7 +44,9 @@ def test_cpu_smoke_runs_every_section_within_five_minutes(tmp_path):
     assert [r["trainer"] for r in report["memory"]] == ["LAMP", "VaMP"]
     assert all(r["precision"] == "bf16" and r["real_peak_mib"] > 0 and r["estimate_mib"] > 0 for r in report["memory"])
     assert [r["method"] for r in report["table5"]] == ["MaPLe", "MaPLe (exact switches on)", "MMA", "LAMP",
-                                                        "LAMP (exact switches on)"]
+                                                        "LAMP (exact switches on)",
+                                                        "LAMP (exact switches and compiled MLP)"]
+    assert report["table5"][5]["opts"][-2:] == ["MODEL.COMPILE_MLP", "True"]
     assert all(r["classes"] == 5 and r["batch"] == 4 for r in report["table5"])
     assert report["table5"][4]["opts"][-2:] == ["TRAINER.LAMP.TEXT_LENGTH_BUCKETS", "True"]
     ratio = report["table5"][3]["ms_per_step"] / report["table5"][0]["ms_per_step"]
