@@ -16,6 +16,7 @@ tokens are inserted. Layers before ``hooks.start_layer`` see no prompt, so for t
 on the tokens only and is cached; text sequences are cut after the last EOT token (exact under the
 causal mask).
 """
+import functools
 from collections import OrderedDict
 
 import torch
@@ -301,15 +302,11 @@ def _mlp_residual(y, ln_w, ln_b, fc_w, fc_b, proj_w, proj_b, eps):
     return y + F.linear(h * torch.sigmoid(1.702 * h), proj_w, proj_b)
 
 
-_COMPILED = {}
-
-
+@functools.cache
 def compiled_mlp_residual():
     """``torch.compile`` of ``_mlp_residual`` (dynamic shapes: sequence lengths and batch sizes vary), built on
     first use."""
-    if "mlp" not in _COMPILED:
-        _COMPILED["mlp"] = torch.compile(_mlp_residual, dynamic=True)
-    return _COMPILED["mlp"]
+    return torch.compile(_mlp_residual, dynamic=True)
 
 
 # ---- the encoder --------------------------------------------------------------------------------
